@@ -1,0 +1,15 @@
+#pragma once
+// Umbrella header: everything a CPU user of kvq needs.
+#include "kvq/version.hpp"
+#include "kvq/core/bitpack.hpp"
+#include "kvq/core/error.hpp"
+#include "kvq/core/half.hpp"
+#include "kvq/core/philox.hpp"
+#include "kvq/quant/codec.hpp"
+#include "kvq/quant/identity_codec.hpp"
+#include "kvq/quant/jl_sketch.hpp"
+#include "kvq/quant/qjl_key_codec.hpp"
+#include "kvq/quant/tokenwise_codec.hpp"
+#include "kvq/cache/block_pool.hpp"
+#include "kvq/cache/kv_cache.hpp"
+#include "kvq/cache/attention.hpp"

@@ -1,0 +1,234 @@
+#pragma once
+// QJL key codec (Zandieh, Daliri, Han 2024): a key becomes the sign bits of a seeded JL projection
+// plus its norm; scores come from the asymmetric estimator against the full-precision query:
+//     est(q, k) = sqrt(pi/2) / m * ||k|| * sum_j sign(<s_j, k>) * <s_j, q>
+// With outliers (official QJL code): per group of 32 tokens the k_o channels with the largest L2
+// norm over the group get their own m_o-bit sketch (the first m_o rows of S restricted to those
+// channels) and norm; the inlier part (outliers zeroed) uses the first m rows and its own norm, and
+// the query's inlier projection excludes the outlier channels, so est = est_I + est_O, each term
+// unbiased for Gaussian S.
+//
+// Block layout (B tokens, B a multiple of 32 when k_o > 0):
+// | section     | content                                   | bytes                 |
+// |-------------|-------------------------------------------|-----------------------|
+// | codes       | per token: m/8 inlier sign bytes, then     | B * (m + m_o') / 8    |
+// |             | m_o'/8 outlier sign bytes (m_o' = 0 if k_o=0) |                    |
+// | token side  | fp16 ||k_I||[B], then fp16 ||k_O||[B] (k_o>0) | B * 2 (or 4)       |
+// | block side  | uint8 outlier channel ids [B/32][k_o], ascending | (B/32) * k_o     |
+// Sign bits are LSB-first (bit j of the sketch in byte j/8, bit j%8).
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include <Eigen/Dense>
+
+#include "kvq/core/bitpack.hpp"
+#include "kvq/core/half.hpp"
+#include "kvq/core/validate.hpp"
+#include "kvq/quant/codec.hpp"
+#include "kvq/quant/jl_sketch.hpp"
+
+namespace kvq {
+
+struct QjlParams {
+    int head_dim = 128;
+    int m = 256;         // inlier sketch size, multiple of 32 in [64, 1024]
+    int m_outlier = 256; // outlier sketch size, multiple of 32 in [32, 1024] (ignored when outliers = 0)
+    int outliers = 8;    // outlier channels per 32-token group, 0..16
+    SketchKind sketch = SketchKind::BlockOrthogonal;
+    std::uint64_t seed = 0x6B7671ull;
+};
+
+class QjlKeyCodec final : public Codec {
+public:
+    static constexpr int kGroup = 32;  // tokens per outlier group
+    static constexpr double kHalfPi = 1.57079632679489661923;
+
+    explicit QjlKeyCodec(const QjlParams& p) : p_(p) {
+        detail::check_head_dim(p.head_dim);
+        KVQ_CHECK(p.head_dim <= 256, "QJL head_dim must be <= 256 (outlier ids are bytes), got ", p.head_dim);
+        KVQ_CHECK(p.m >= 64 && p.m <= 1024 && p.m % 32 == 0, "QJL m must be a multiple of 32 in [64, 1024], got ", p.m);
+        KVQ_CHECK(p.outliers >= 0 && p.outliers <= 16 && p.outliers < p.head_dim,
+                  "QJL outlier count must be in [0, 16] and below head_dim, got ", p.outliers);
+        if (p.outliers > 0)
+            KVQ_CHECK(p.m_outlier >= 32 && p.m_outlier <= 1024 && p.m_outlier % 32 == 0,
+                      "QJL outlier sketch size m_o must be a multiple of 32 in [32, 1024], got ", p.m_outlier);
+        rows_ = p.outliers > 0 ? std::max(p.m, p.m_outlier) : p.m;
+        sketch_ = make_jl_sketch(p.seed, rows_, p.head_dim, p.sketch);
+    }
+
+    const QjlParams& params() const { return p_; }
+    int sketch_rows() const { return rows_; }
+    // S as [sketch_rows()][head_dim] row-major float32: what the CUDA path uploads.
+    const std::vector<float>& sketch() const { return sketch_; }
+    int outlier_bits() const { return p_.outliers > 0 ? p_.m_outlier : 0; }
+
+    CodecId id() const override { return CodecId::Qjl; }
+    std::string name() const override {
+        return "qjl:m=" + std::to_string(p_.m) + ",mo=" + std::to_string(outlier_bits()) +
+               ",outliers=" + std::to_string(p_.outliers) + ",sketch=" + to_string(p_.sketch);
+    }
+    int head_dim() const override { return p_.head_dim; }
+    int granularity() const override { return p_.outliers > 0 ? kGroup : 1; }
+    bool decodable() const override { return false; }
+
+    BlockLayout layout(int block_tokens) const override {
+        detail::check_block_tokens(block_tokens, granularity());
+        BlockLayout l;
+        l.block_tokens = static_cast<std::uint32_t>(block_tokens);
+        l.code_bytes = static_cast<std::uint32_t>((p_.m + outlier_bits()) / 8);
+        l.token_side_bytes = p_.outliers > 0 ? 4 : 2;
+        l.block_side_bytes = p_.outliers > 0 ? static_cast<std::uint32_t>(block_tokens / kGroup * p_.outliers) : 0;
+        return l;
+    }
+
+    void validate(const float* x, int n) const override {
+        // fp16 norms: ||k|| must stay below 65504; per-element bound sqrt(65504^2 / d) is not enough,
+        // so check the norm itself after the finite check.
+        detail::check_finite_and_bounded(x, n, p_.head_dim, 3.0e38f, "key");
+        for (int t = 0; t < n; ++t) {
+            double s = 0;
+            for (int c = 0; c < p_.head_dim; ++c) s += double(x[t * p_.head_dim + c]) * x[t * p_.head_dim + c];
+            KVQ_CHECK(std::sqrt(s) <= kHalfMax, "key norm ", std::sqrt(s), " at token ", t,
+                      " exceeds the fp16 range of the stored norm (65504)");
+        }
+    }
+
+    void encode(const float* x, int n, std::uint8_t* block, int block_tokens, int first) const override {
+        const int d = p_.head_dim, G = granularity();
+        KVQ_ASSERT(n % G == 0 && first % G == 0 && first + n <= block_tokens);
+        const BlockLayout l = layout(block_tokens);
+        std::uint8_t* codes = block + l.codes_offset();
+        half_t* norm_in = reinterpret_cast<half_t*>(block + l.token_side_offset());
+        half_t* norm_out = norm_in + block_tokens;
+        std::uint8_t* ids = block + l.block_side_offset();
+
+        using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+        Eigen::Map<const RowMat> S(sketch_.data(), rows_, d);
+        RowMat kin = Eigen::Map<const RowMat>(x, n, d);  // inlier part: outlier channels zeroed below
+        std::vector<int> chan(d);
+        std::vector<float> proj_o(std::max(1, outlier_bits()));
+        for (int g0 = 0; g0 < n; g0 += G) {
+            if (p_.outliers > 0) {
+                // Channel energy over the group; ties broken toward the lower channel id.
+                std::vector<double> energy(d, 0.0);
+                for (int t = g0; t < g0 + G; ++t)
+                    for (int c = 0; c < d; ++c) energy[c] += double(kin(t, c)) * kin(t, c);
+                std::iota(chan.begin(), chan.end(), 0);
+                std::partial_sort(chan.begin(), chan.begin() + p_.outliers, chan.end(),
+                                  [&](int a, int b) { return energy[a] > energy[b] || (energy[a] == energy[b] && a < b); });
+                std::sort(chan.begin(), chan.begin() + p_.outliers);
+                std::uint8_t* gid = ids + (first + g0) / kGroup * p_.outliers;
+                for (int i = 0; i < p_.outliers; ++i) gid[i] = static_cast<std::uint8_t>(chan[i]);
+                for (int t = g0; t < g0 + G; ++t) {
+                    const int tok = first + t;
+                    double nn = 0;
+                    for (int j = 0; j < p_.m_outlier; ++j) {
+                        float s = 0;
+                        for (int i = 0; i < p_.outliers; ++i) s += S(j, chan[i]) * kin(t, chan[i]);
+                        proj_o[j] = s;
+                    }
+                    for (int i = 0; i < p_.outliers; ++i) {
+                        nn += double(kin(t, chan[i])) * kin(t, chan[i]);
+                        kin(t, chan[i]) = 0.0f;
+                    }
+                    pack_signs(proj_o.data(), p_.m_outlier, codes + std::size_t(tok) * l.code_bytes + p_.m / 8);
+                    norm_out[tok] = float_to_half(static_cast<float>(std::sqrt(nn)));
+                }
+            }
+        }
+        RowMat proj = kin * S.topRows(p_.m).transpose();  // [n][m], one GEMM for the whole batch
+        for (int t = 0; t < n; ++t) {
+            const int tok = first + t;
+            pack_signs(&proj(t, 0), p_.m, codes + std::size_t(tok) * l.code_bytes);
+            norm_in[tok] = float_to_half(static_cast<float>(kin.row(t).template cast<double>().norm()));
+        }
+    }
+
+    void prepare(const float* q, PreparedQuery& pq) const override {
+        const int d = p_.head_dim;
+        pq.q.assign(q, q + d);
+        pq.data.resize(rows_);
+        using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+        Eigen::Map<const RowMat> S(sketch_.data(), rows_, d);
+        Eigen::Map<Eigen::VectorXf>(pq.data.data(), rows_) = S * Eigen::Map<const Eigen::VectorXf>(q, d);
+    }
+
+    void score(const PreparedQuery& pq, const std::uint8_t* block, int block_tokens, int first, int n,
+               float* out) const override {
+        const BlockLayout l = layout(block_tokens);
+        const std::uint8_t* codes = block + l.codes_offset();
+        const half_t* norm_in = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const half_t* norm_out = norm_in + block_tokens;
+        const std::uint8_t* ids = block + l.block_side_offset();
+        const float c_in = static_cast<float>(std::sqrt(kHalfPi) / p_.m);
+        if (p_.outliers == 0) {
+            for (int i = 0; i < n; ++i) {
+                const int tok = first + i;
+                out[i] = c_in * half_to_float(norm_in[tok]) *
+                         signed_sum(codes + std::size_t(tok) * l.code_bytes, pq.data.data(), p_.m);
+            }
+            return;
+        }
+        const int d = p_.head_dim, mo = p_.m_outlier;
+        const float c_out = static_cast<float>(std::sqrt(kHalfPi) / mo);
+        pq.scratch.resize(std::size_t(p_.m) + mo);
+        float* p_in = pq.scratch.data();
+        float* p_out = p_in + p_.m;
+        int cached_group = -1;
+        for (int i = 0; i < n; ++i) {
+            const int tok = first + i;
+            if (tok / kGroup != cached_group) {
+                // Per group: t = S[:, O] q_O; inlier projection = S q - t (outlier channels removed).
+                cached_group = tok / kGroup;
+                const std::uint8_t* gid = ids + cached_group * p_.outliers;
+                for (int j = 0; j < rows_; ++j) {
+                    float t = 0;
+                    for (int o = 0; o < p_.outliers; ++o) t += sketch_[std::size_t(j) * d + gid[o]] * pq.q[gid[o]];
+                    if (j < p_.m) p_in[j] = pq.data[j] - t;
+                    if (j < mo) p_out[j] = t;
+                }
+            }
+            const std::uint8_t* code = codes + std::size_t(tok) * l.code_bytes;
+            out[i] = c_in * half_to_float(norm_in[tok]) * signed_sum(code, p_in, p_.m) +
+                     c_out * half_to_float(norm_out[tok]) * signed_sum(code + p_.m / 8, p_out, mo);
+        }
+    }
+
+    void accumulate(const std::uint8_t*, int, int, int, const float*, float*) const override {
+        KVQ_THROW("QJL codes are sign sketches of keys and cannot be used as values");
+    }
+    void decode(const std::uint8_t*, int, int, int, float*) const override {
+        KVQ_THROW("QJL codes cannot be decoded to vectors; use score()");
+    }
+
+private:
+    // sum_j (bit_j ? +p_j : -p_j), as 2 * sum_{bit=1} p_j - sum_j p_j would lose precision when
+    // the two sums nearly cancel; a table of +-1 per byte keeps the inner loop branch-free.
+    static float signed_sum(const std::uint8_t* bits, const float* p, int m) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int byte = 0; byte < m / 8; ++byte) {
+            const float* sg = sign_table()[bits[byte]];
+            const float* pj = p + 8 * byte;
+            for (int b = 0; b < 8; ++b) acc[b] += sg[b] * pj[b];
+        }
+        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    }
+    static const float (*sign_table())[8] {
+        static const auto table = [] {
+            std::array<std::array<float, 8>, 256> t{};
+            for (int v = 0; v < 256; ++v)
+                for (int b = 0; b < 8; ++b) t[v][b] = ((v >> b) & 1) ? 1.0f : -1.0f;
+            return t;
+        }();
+        return reinterpret_cast<const float(*)[8]>(table.data());
+    }
+
+    QjlParams p_;
+    int rows_ = 0;
+    std::vector<float> sketch_;
+};
+
+}  // namespace kvq

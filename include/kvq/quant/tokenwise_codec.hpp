@@ -1,0 +1,168 @@
+#pragma once
+// Token-wise asymmetric uniform quantization: b bits, groups of g consecutive channels, an fp16
+// step and an fp16 minimum per (token, group). Used for QJL's values, WKVQuant's dynamic step, the
+// int-b baselines (llama.cpp q4_1 family, HF QuantizedCache) -- keys and values alike.
+//   step = fp16((max - min) / (2^b - 1)), lo = fp16(min),
+//   code = clamp(floor((x - lo) / step + 1/2), 0, 2^b - 1)   (code = 0 when step == 0)
+//   x^   = code * step + lo
+// The stored (fp16-rounded) step and minimum are the ones used for coding, so decode is
+// consistent with encode; a constant group decodes to fp16(min).
+//
+// Block layout (B tokens, G = d / g groups):
+// | section    | content                                      | bytes        |
+// |------------|----------------------------------------------|--------------|
+// | codes      | per token: d codes, b-bit LSB-first stream    | B * d * b / 8 |
+// | token side | fp16 step[B][G], then fp16 min[B][G]          | B * 4 * G    |
+// | block side | none                                          | 0            |
+#include <algorithm>
+#include <cmath>
+
+#include "kvq/core/bitpack.hpp"
+#include "kvq/core/half.hpp"
+#include "kvq/core/validate.hpp"
+#include "kvq/quant/codec.hpp"
+
+namespace kvq {
+
+struct TokenwiseParams {
+    int head_dim = 128;
+    int bits = 4;    // 2, 3, 4 or 8
+    int group = 32;  // channels per group; divides head_dim
+};
+
+// Shared by the CPU codec and the CUDA kernels: quantize one group of g values.
+KVQ_HD void tokenwise_quantize_group(const float* x, int g, int bits, std::uint8_t* codes, half_t* step_out,
+                                     half_t* min_out) {
+    float lo = x[0], hi = x[0];
+    for (int i = 1; i < g; ++i) {
+        lo = x[i] < lo ? x[i] : lo;
+        hi = x[i] > hi ? x[i] : hi;
+    }
+    const int levels = (1 << bits) - 1;
+    const half_t step_h = float_to_half((hi - lo) / static_cast<float>(levels));
+    const half_t lo_h = float_to_half(lo);
+    const float step = half_to_float(step_h), lo_r = half_to_float(lo_h);
+    for (int i = 0; i < g; ++i) {
+        int c = 0;
+        if (step > 0.0f) {
+            const float v = floorf((x[i] - lo_r) / step + 0.5f);
+            c = v < 0.0f ? 0 : (v > static_cast<float>(levels) ? levels : static_cast<int>(v));
+        }
+        codes[i] = static_cast<std::uint8_t>(c);
+    }
+    *step_out = step_h;
+    *min_out = lo_h;
+}
+
+class TokenwiseCodec final : public Codec {
+public:
+    explicit TokenwiseCodec(const TokenwiseParams& p) : p_(p) {
+        detail::check_head_dim(p.head_dim);
+        KVQ_CHECK(p.bits == 2 || p.bits == 3 || p.bits == 4 || p.bits == 8,
+                  "token-wise codec bits must be 2, 3, 4 or 8, got ", p.bits);
+        KVQ_CHECK(p.group >= 1 && p.group <= p.head_dim && p.head_dim % p.group == 0,
+                  "token-wise group size must divide head_dim (", p.head_dim, "), got ", p.group);
+        groups_ = p.head_dim / p.group;
+    }
+    const TokenwiseParams& params() const { return p_; }
+
+    CodecId id() const override { return CodecId::Tokenwise; }
+    std::string name() const override {
+        return "int" + std::to_string(p_.bits) + ":g=" + std::to_string(p_.group);
+    }
+    int head_dim() const override { return p_.head_dim; }
+
+    BlockLayout layout(int block_tokens) const override {
+        detail::check_block_tokens(block_tokens, 1);
+        BlockLayout l;
+        l.block_tokens = static_cast<std::uint32_t>(block_tokens);
+        l.code_bytes = static_cast<std::uint32_t>(packed_bytes(p_.head_dim, p_.bits));
+        l.token_side_bytes = static_cast<std::uint32_t>(4 * groups_);
+        return l;
+    }
+
+    void validate(const float* x, int n) const override {
+        // (max - min) of a group must stay in fp16 range too, hence half of 65504.
+        detail::check_finite_and_bounded(x, n, p_.head_dim, kHalfMax / 2, "token-wise input");
+    }
+
+    void encode(const float* x, int n, std::uint8_t* block, int block_tokens, int first) const override {
+        const BlockLayout l = layout(block_tokens);
+        half_t* steps = reinterpret_cast<half_t*>(block + l.token_side_offset());
+        half_t* mins = steps + std::size_t(block_tokens) * groups_;
+        std::uint8_t codes[1024];
+        for (int t = 0; t < n; ++t) {
+            const int tok = first + t;
+            for (int g = 0; g < groups_; ++g)
+                tokenwise_quantize_group(x + std::size_t(t) * p_.head_dim + g * p_.group, p_.group, p_.bits,
+                                         codes + g * p_.group, &steps[std::size_t(tok) * groups_ + g],
+                                         &mins[std::size_t(tok) * groups_ + g]);
+            pack_codes(codes, p_.head_dim, p_.bits, block + std::size_t(tok) * l.code_bytes);
+        }
+    }
+
+    void prepare(const float* q, PreparedQuery& pq) const override {
+        pq.q.assign(q, q + p_.head_dim);
+        pq.data.assign(groups_, 0.0f);  // per-group sum of q, for the min term
+        for (int g = 0; g < groups_; ++g)
+            for (int i = 0; i < p_.group; ++i) pq.data[g] += q[g * p_.group + i];
+    }
+
+    void score(const PreparedQuery& pq, const std::uint8_t* block, int block_tokens, int first, int n,
+               float* out) const override {
+        const BlockLayout l = layout(block_tokens);
+        const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const half_t* mins = steps + std::size_t(block_tokens) * groups_;
+        const float* q = pq.q.data();
+        for (int i = 0; i < n; ++i) {
+            const int tok = first + i;
+            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            float s = 0;
+            for (int g = 0; g < groups_; ++g) {
+                float dot = 0;
+                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) dot += q[c] * static_cast<float>(get_code(code, c, p_.bits));
+                s += half_to_float(steps[std::size_t(tok) * groups_ + g]) * dot +
+                     half_to_float(mins[std::size_t(tok) * groups_ + g]) * pq.data[g];
+            }
+            out[i] = s;
+        }
+    }
+
+    void accumulate(const std::uint8_t* block, int block_tokens, int first, int n, const float* w,
+                    float* acc) const override {
+        const BlockLayout l = layout(block_tokens);
+        const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const half_t* mins = steps + std::size_t(block_tokens) * groups_;
+        for (int i = 0; i < n; ++i) {
+            const int tok = first + i;
+            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            for (int g = 0; g < groups_; ++g) {
+                const float a = w[i] * half_to_float(steps[std::size_t(tok) * groups_ + g]);
+                const float b = w[i] * half_to_float(mins[std::size_t(tok) * groups_ + g]);
+                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) acc[c] += a * static_cast<float>(get_code(code, c, p_.bits)) + b;
+            }
+        }
+    }
+
+    void decode(const std::uint8_t* block, int block_tokens, int first, int n, float* out) const override {
+        const BlockLayout l = layout(block_tokens);
+        const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const half_t* mins = steps + std::size_t(block_tokens) * groups_;
+        for (int i = 0; i < n; ++i) {
+            const int tok = first + i;
+            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            for (int g = 0; g < groups_; ++g) {
+                const float st = half_to_float(steps[std::size_t(tok) * groups_ + g]);
+                const float mn = half_to_float(mins[std::size_t(tok) * groups_ + g]);
+                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c)
+                    out[std::size_t(i) * p_.head_dim + c] = static_cast<float>(get_code(code, c, p_.bits)) * st + mn;
+            }
+        }
+    }
+
+private:
+    TokenwiseParams p_;
+    int groups_ = 1;
+};
+
+}  // namespace kvq
