@@ -154,6 +154,19 @@ public:
         using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
         Eigen::Map<const RowMat> S(sketch_.data(), rows_, d);
         Eigen::Map<Eigen::VectorXf>(pq.data.data(), rows_) = S * Eigen::Map<const Eigen::VectorXf>(q, d);
+        if (p_.outliers == 0) {
+            // Without outliers the projection is the same for every key: tabulate, per code byte, the
+            // signed sum of its 8 projections for all 256 byte values, so a key costs m/8 lookups.
+            // Built incrementally (one add per entry): m/8 * 256 adds, amortised over all keys.
+            pq.data.resize(std::size_t(rows_) + std::size_t(p_.m) * 32);
+            float* lut = pq.data.data() + rows_;
+            for (int byte = 0; byte < p_.m / 8; ++byte) {
+                const float* pj = pq.data.data() + 8 * byte;
+                float* L = lut + std::size_t(byte) * 256;
+                L[0] = -(((pj[0] + pj[1]) + (pj[2] + pj[3])) + ((pj[4] + pj[5]) + (pj[6] + pj[7])));
+                for (int v = 1; v < 256; ++v) L[v] = L[v & (v - 1)] + 2.0f * pj[__builtin_ctz(v)];
+            }
+        }
     }
 
     void score(const PreparedQuery& pq, const std::uint8_t* block, int block_tokens, int first, int n,
@@ -165,10 +178,15 @@ public:
         const std::uint8_t* ids = block + l.block_side_offset();
         const float c_in = static_cast<float>(std::sqrt(kHalfPi) / p_.m);
         if (p_.outliers == 0) {
+            const float* lut = pq.data.data() + rows_;
+            const int nbytes = p_.m / 8;
             for (int i = 0; i < n; ++i) {
                 const int tok = first + i;
-                out[i] = c_in * half_to_float(norm_in[tok]) *
-                         signed_sum(codes + std::size_t(tok) * l.code_bytes, pq.data.data(), p_.m);
+                const std::uint8_t* code = codes + std::size_t(tok) * l.code_bytes;
+                float acc[4] = {0, 0, 0, 0};
+                for (int b = 0; b < nbytes; b += 4)
+                    for (int u = 0; u < 4; ++u) acc[u] += lut[std::size_t(b + u) * 256 + code[b + u]];
+                out[i] = c_in * half_to_float(norm_in[tok]) * ((acc[0] + acc[1]) + (acc[2] + acc[3]));
             }
             return;
         }
