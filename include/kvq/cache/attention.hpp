@@ -8,6 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "kvq/cache/kv_cache.hpp"
 
 namespace kvq {
@@ -29,9 +31,7 @@ struct ExactTokens {
 
 namespace detail {
 inline float dot(const float* a, const float* b, int d) {
-    float s = 0;
-    for (int c = 0; c < d; ++c) s += a[c] * b[c];
-    return s;
+    return Eigen::Map<const Eigen::VectorXf>(a, d).dot(Eigen::Map<const Eigen::VectorXf>(b, d));
 }
 
 // Scores of query q against stream positions [0, visible): blocks through the codec, then the window.

@@ -1,6 +1,8 @@
 #pragma once
 // Identity codec: keys/values stored unquantized as fp32, fp16 or bf16 (the reference cache).
 // Block layout: codes = B x d elements of the storage type, no side data.
+#include <Eigen/Core>
+
 #include "kvq/core/half.hpp"
 #include "kvq/core/validate.hpp"
 #include "kvq/quant/codec.hpp"
@@ -39,19 +41,15 @@ public:
     }
     void prepare(const float* q, PreparedQuery& pq) const override { pq.q.assign(q, q + d_); }
     void score(const PreparedQuery& pq, const std::uint8_t* block, int, int first, int n, float* out) const override {
-        float row[1024];
-        for (int i = 0; i < n; ++i) {
-            load(block, first + i, row);
-            float s = 0;
-            for (int c = 0; c < d_; ++c) s += pq.q[c] * row[c];
-            out[i] = s;
-        }
+        float buf[1024];
+        const Eigen::Map<const Eigen::VectorXf> q(pq.q.data(), d_);
+        for (int i = 0; i < n; ++i) out[i] = q.dot(Eigen::Map<const Eigen::VectorXf>(row(block, first + i, buf), d_));
     }
     void accumulate(const std::uint8_t* block, int, int first, int n, const float* w, float* acc) const override {
-        float row[1024];
+        float buf[1024];
         for (int i = 0; i < n; ++i) {
-            load(block, first + i, row);
-            for (int c = 0; c < d_; ++c) acc[c] += w[i] * row[c];
+            const float* r = row(block, first + i, buf);
+            for (int c = 0; c < d_; ++c) acc[c] += w[i] * r[c];
         }
     }
     void decode(const std::uint8_t* block, int, int first, int n, float* out) const override {
@@ -59,6 +57,12 @@ public:
     }
 
 private:
+    // Token tok as floats: a pointer into the block for fp32, else converted into buf.
+    const float* row(const std::uint8_t* block, int tok, float* buf) const {
+        if (type_ == StorageType::F32) return reinterpret_cast<const float*>(block) + std::size_t(tok) * d_;
+        load(block, tok, buf);
+        return buf;
+    }
     void load(const std::uint8_t* block, int tok, float* row) const {
         const std::size_t e0 = std::size_t(tok) * d_;
         for (int c = 0; c < d_; ++c) {

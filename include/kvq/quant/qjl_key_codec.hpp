@@ -57,6 +57,9 @@ public:
                       "QJL outlier sketch size m_o must be a multiple of 32 in [32, 1024], got ", p.m_outlier);
         rows_ = p.outliers > 0 ? std::max(p.m, p.m_outlier) : p.m;
         sketch_ = make_jl_sketch(p.seed, rows_, p.head_dim, p.sketch);
+        sketch_t_.resize(sketch_.size());
+        for (int j = 0; j < rows_; ++j)
+            for (int c = 0; c < p.head_dim; ++c) sketch_t_[std::size_t(c) * rows_ + j] = sketch_[std::size_t(j) * p.head_dim + c];
     }
 
     const QjlParams& params() const { return p_; }
@@ -190,24 +193,26 @@ public:
             }
             return;
         }
-        const int d = p_.head_dim, mo = p_.m_outlier;
+        const int mo = p_.m_outlier;
         const float c_out = static_cast<float>(std::sqrt(kHalfPi) / mo);
-        pq.scratch.resize(std::size_t(p_.m) + mo);
+        pq.scratch.resize(std::size_t(p_.m) + rows_);
         float* p_in = pq.scratch.data();
         float* p_out = p_in + p_.m;
         int cached_group = -1;
         for (int i = 0; i < n; ++i) {
             const int tok = first + i;
             if (tok / kGroup != cached_group) {
-                // Per group: t = S[:, O] q_O; inlier projection = S q - t (outlier channels removed).
+                // Per group: t = S[:, O] q_O (columns of S are rows of S^T: contiguous axpys);
+                // inlier projection = S q - t (outlier channels removed), outlier projection = t.
                 cached_group = tok / kGroup;
                 const std::uint8_t* gid = ids + cached_group * p_.outliers;
-                for (int j = 0; j < rows_; ++j) {
-                    float t = 0;
-                    for (int o = 0; o < p_.outliers; ++o) t += sketch_[std::size_t(j) * d + gid[o]] * pq.q[gid[o]];
-                    if (j < p_.m) p_in[j] = pq.data[j] - t;
-                    if (j < mo) p_out[j] = t;
+                std::fill(p_out, p_out + rows_, 0.0f);
+                for (int o = 0; o < p_.outliers; ++o) {
+                    const float qo = pq.q[gid[o]];
+                    const float* col = sketch_t_.data() + std::size_t(gid[o]) * rows_;
+                    for (int j = 0; j < rows_; ++j) p_out[j] += col[j] * qo;
                 }
+                for (int j = 0; j < p_.m; ++j) p_in[j] = pq.data[j] - p_out[j];
             }
             const std::uint8_t* code = codes + std::size_t(tok) * l.code_bytes;
             out[i] = c_in * half_to_float(norm_in[tok]) * signed_sum(code, p_in, p_.m) +
@@ -247,6 +252,7 @@ private:
     QjlParams p_;
     int rows_ = 0;
     std::vector<float> sketch_;
+    std::vector<float> sketch_t_;  // S^T [d][rows]: the per-group outlier correction reads columns of S
 };
 
 }  // namespace kvq

@@ -15,7 +15,11 @@
 // | token side | fp16 step[B][G], then fp16 min[B][G]          | B * 4 * G    |
 // | block side | none                                          | 0            |
 #include <algorithm>
+#include <array>
+#include <cstring>
 #include <cmath>
+
+#include <Eigen/Core>
 
 #include "kvq/core/bitpack.hpp"
 #include "kvq/core/half.hpp"
@@ -113,14 +117,14 @@ public:
         const BlockLayout l = layout(block_tokens);
         const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
         const half_t* mins = steps + std::size_t(block_tokens) * groups_;
-        const float* q = pq.q.data();
+        float codes[1024];
         for (int i = 0; i < n; ++i) {
             const int tok = first + i;
-            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            unpack(block + std::size_t(tok) * l.code_bytes, codes);
             float s = 0;
             for (int g = 0; g < groups_; ++g) {
-                float dot = 0;
-                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) dot += q[c] * static_cast<float>(get_code(code, c, p_.bits));
+                const float dot = Eigen::Map<const Eigen::VectorXf>(pq.q.data() + g * p_.group, p_.group)
+                                      .dot(Eigen::Map<const Eigen::VectorXf>(codes + g * p_.group, p_.group));
                 s += half_to_float(steps[std::size_t(tok) * groups_ + g]) * dot +
                      half_to_float(mins[std::size_t(tok) * groups_ + g]) * pq.data[g];
             }
@@ -133,13 +137,14 @@ public:
         const BlockLayout l = layout(block_tokens);
         const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
         const half_t* mins = steps + std::size_t(block_tokens) * groups_;
+        float codes[1024];
         for (int i = 0; i < n; ++i) {
             const int tok = first + i;
-            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            unpack(block + std::size_t(tok) * l.code_bytes, codes);
             for (int g = 0; g < groups_; ++g) {
                 const float a = w[i] * half_to_float(steps[std::size_t(tok) * groups_ + g]);
                 const float b = w[i] * half_to_float(mins[std::size_t(tok) * groups_ + g]);
-                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) acc[c] += a * static_cast<float>(get_code(code, c, p_.bits)) + b;
+                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) acc[c] += a * codes[c] + b;
             }
         }
     }
@@ -150,17 +155,42 @@ public:
         const half_t* mins = steps + std::size_t(block_tokens) * groups_;
         for (int i = 0; i < n; ++i) {
             const int tok = first + i;
-            const std::uint8_t* code = block + std::size_t(tok) * l.code_bytes;
+            float* o = out + std::size_t(i) * p_.head_dim;
+            unpack(block + std::size_t(tok) * l.code_bytes, o);
             for (int g = 0; g < groups_; ++g) {
                 const float st = half_to_float(steps[std::size_t(tok) * groups_ + g]);
                 const float mn = half_to_float(mins[std::size_t(tok) * groups_ + g]);
-                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c)
-                    out[std::size_t(i) * p_.head_dim + c] = static_cast<float>(get_code(code, c, p_.bits)) * st + mn;
+                for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) o[c] = o[c] * st + mn;
             }
         }
     }
 
+    // Expands one token's d codes to floats; for 2 and 4 bits a byte expands through a 256-entry
+    // table (one 16- or 8-byte copy per byte instead of a shift, mask and convert per code).
+    void unpack(const std::uint8_t* code, float* out) const {
+        const int d = p_.head_dim;
+        if (p_.bits == 8) {
+            for (int c = 0; c < d; ++c) out[c] = code[c];
+        } else if (p_.bits == 4) {
+            static const auto table = make_table<4>();
+            for (int i = 0; i < d / 2; ++i) std::memcpy(out + 2 * i, table[code[i]].data(), 2 * sizeof(float));
+        } else if (p_.bits == 2) {
+            static const auto table = make_table<2>();
+            for (int i = 0; i < d / 4; ++i) std::memcpy(out + 4 * i, table[code[i]].data(), 4 * sizeof(float));
+        } else {
+            for (int c = 0; c < d; ++c) out[c] = static_cast<float>(get_code(code, c, p_.bits));
+        }
+    }
+
 private:
+    template <int Bits>
+    static std::array<std::array<float, 8 / Bits>, 256> make_table() {
+        std::array<std::array<float, 8 / Bits>, 256> t{};
+        for (int v = 0; v < 256; ++v)
+            for (int j = 0; j < 8 / Bits; ++j) t[v][j] = static_cast<float>((v >> (Bits * j)) & ((1 << Bits) - 1));
+        return t;
+    }
+
     TokenwiseParams p_;
     int groups_ = 1;
 };
