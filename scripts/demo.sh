@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets up, builds the examples in Release (build-release/) and runs the evaluation tool,
-# build-release/examples/kvq-eval, passing all arguments through: bash scripts/demo.sh [args...]
+# The main job: sets up, builds the examples in Release (build-release/) and shows what kvq does.
+#   bash scripts/demo.sh            real model first (kvq-llama compare: perplexity, KL and top-1
+#                                   agreement of every cache method against the fp32 cache), then
+#                                   kvq-eval's synthetic workload (score/attention error, bits/element)
+#   bash scripts/demo.sh eval ARGS  only kvq-eval, with ARGS
+#   bash scripts/demo.sh llama ARGS only kvq-llama, with ARGS (e.g. generate --prompt "Once upon")
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -19,7 +23,17 @@ fi
 echo "[demo] building build-release/ (Release, examples)" >&2
 cmake -S . -B build-release "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DKVQ_BUILD_TESTS=OFF -DKVQ_BUILD_BENCH=OFF -DKVQ_BUILD_EXAMPLES=ON -DKVQ_ENABLE_CUDA=OFF >&2
-cmake --build build-release -j "${JOBS:-$(nproc)}" --target kvq-eval >&2
+cmake --build build-release -j "${JOBS:-$(nproc)}" --target kvq-eval kvq-llama >&2
 
-echo "[demo] running build-release/examples/kvq-eval $*" >&2
-exec build-release/examples/kvq-eval "$@"
+case "${1:-}" in
+    eval) shift; exec build-release/examples/kvq-eval "$@" ;;
+    llama) shift; exec build-release/examples/kvq-llama "$@" ;;
+    "") ;;
+    *) echo "usage: bash scripts/demo.sh [eval ARGS | llama ARGS]" >&2; exit 2 ;;
+esac
+
+echo "[demo] 1/2 real model: kvq-llama compare (every cache method vs the fp32 cache)" >&2
+build-release/examples/kvq-llama compare
+echo >&2
+echo "[demo] 2/2 synthetic LLM-like KV workload: kvq-eval" >&2
+build-release/examples/kvq-eval
