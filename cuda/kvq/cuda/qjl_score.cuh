@@ -1,0 +1,455 @@
+#pragma once
+// QJL key scoring on the GPU over paged blocks: scores[h][t] = est(q_h, k_t) for every query head
+// h and token t of a (batch 1) sequence, reading exactly the bytes kvq::QjlKeyCodec::encode writes
+// (see the block layout table in kvq/quant/qjl_key_codec.hpp). Two launches on the caller's stream:
+//
+//  1. qjl_project_kernel (one CTA per query head): S q into the workspace, the query as fp32, and
+//     (with outliers) S^T so that the per-group columns S[:, O] are contiguous.
+//  2. qjl_score_plain_kernel (no outliers: one CTA per (KV head, token chunk)) or
+//     qjl_score_outlier_kernel (persistent CTAs over (KV head, 32-token group) items); all query
+//     heads of a KV head are scored by the same warp/CTA so codes are read from memory once; one
+//     token per lane, 32-token groups per warp:
+//     the signed sum over the sketch bits uses shared-memory nibble tables (16 entries per 4 sketch
+//     rows, so that the 32 lanes of a warp, looking up the same nibble position of 32 tokens, never
+//     conflict on a bank) and 16-byte code loads.
+//     Without outliers the tables depend on the query only and are built once per CTA. With outliers
+//     (per 32-token group, channel set O) each warp builds the group's tables exactly as the CPU
+//     codec's score(): inlier projection = S q - S[:, O] q_O (first m rows), outlier projection =
+//     S[:m_o, O] q_O; est = sqrt(pi/2)/m ||k_I|| sum_I + sqrt(pi/2)/m_o ||k_O|| sum_O.
+//
+// No stream is created, nothing synchronises with the host, every launch is checked: a graph can
+// capture launch_qjl_score.
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "kvq/core/half.hpp"
+#include "kvq/cuda/check.cuh"
+#include "kvq/quant/codec.hpp"
+
+namespace kvq::cuda {
+
+enum class QueryType : std::uint8_t { F32 = 0, F16 = 1 };
+
+struct QjlScoreArgs {
+    // Codec parameters (set_qjl_codec fills these from a kvq::QjlKeyCodec).
+    int head_dim = 0;
+    int m = 0;           // inlier sketch bits
+    int m_outlier = 0;   // outlier sketch bits (0 when outliers == 0)
+    int outliers = 0;    // outlier channels per 32-token group
+    int sketch_rows = 0; // rows of S: max(m, m_outlier)
+    const float* sketch = nullptr;  // device, [sketch_rows][head_dim] row-major (QjlKeyCodec::sketch())
+    BlockLayout layout{};           // QjlKeyCodec::layout(block_tokens)
+
+    // Paged blocks: block id p lives at pool + p * block_bytes (block_bytes >= layout.bytes(),
+    // a multiple of 16; pool 16-byte aligned).
+    const std::uint8_t* pool = nullptr;
+    std::size_t block_bytes = 0;
+    // Page tables: pages[kv * page_stride + i] is the block of tokens [i*B, (i+1)*B) of KV head kv.
+    const std::uint32_t* pages = nullptr;
+    std::int64_t page_stride = 0;
+
+    int n_kv_heads = 0;
+    int n_q_heads = 0;  // a multiple of n_kv_heads; query head h reads KV head h / (n_q_heads / n_kv_heads)
+    int n_tokens = 0;   // tokens per KV head (same for all heads)
+
+    const void* query = nullptr;  // device [n_q_heads][query_stride] (fp32 or fp16 elements)
+    QueryType query_type = QueryType::F32;
+    std::int64_t query_stride = 0;  // 0 -> head_dim
+
+    float* scores = nullptr;        // device [n_q_heads][score_stride]
+    std::int64_t score_stride = 0;  // 0 -> n_tokens
+};
+
+// Copies the codec parameters and the layout of blocks of block_tokens tokens into args (the
+// device sketch pointer stays the caller's job: upload codec.sketch()).
+template <class QjlCodec>
+void set_qjl_codec(QjlScoreArgs& a, const QjlCodec& codec, int block_tokens) {
+    a.head_dim = codec.head_dim();
+    a.m = codec.params().m;
+    a.m_outlier = codec.outlier_bits();
+    a.outliers = codec.params().outliers;
+    a.sketch_rows = codec.sketch_rows();
+    a.layout = codec.layout(block_tokens);
+    if (a.block_bytes == 0) a.block_bytes = a.layout.bytes();
+}
+
+struct CheckResult {
+    bool ok = true;
+    std::string message;
+    explicit operator bool() const { return ok; }
+};
+
+namespace detail {
+
+inline constexpr int kQjlWarpsMax = 8;
+inline constexpr double kQjlHalfPi = 1.57079632679489661923;
+inline constexpr std::size_t kQjlSmemBudget = 96 * 1024;
+
+KVQ_HD std::size_t ws_align(std::size_t n) { return (n + 255) & ~std::size_t(255); }
+
+struct QjlWorkspace {
+    std::size_t proj = 0, qf = 0, st = 0, total = 0;
+};
+inline QjlWorkspace qjl_workspace_layout(const QjlScoreArgs& a) {
+    QjlWorkspace w;
+    w.proj = 0;
+    w.qf = ws_align(std::size_t(a.n_q_heads) * a.sketch_rows * sizeof(float));
+    w.st = w.qf + ws_align(std::size_t(a.n_q_heads) * a.head_dim * sizeof(float));
+    w.total = w.st + (a.outliers > 0 ? ws_align(std::size_t(a.head_dim) * a.sketch_rows * sizeof(float)) : 0);
+    return w;
+}
+
+// 16 signed sums of 4 projections: entry e = sum_i (bit i of e ? +p_i : -p_i), written as four
+// float4 quarters. Neighbouring threads write tables 64 bytes apart; rot (= thread index / 2) staggers
+// the order of the quarters so that the 8 threads of a 128-bit store phase hit distinct banks.
+__device__ __forceinline__ void qjl_build_table(float p0, float p1, float p2, float p3, float* dst, int rot) {
+    const float a0 = -p0 - p1, a1 = p0 - p1, a2 = -p0 + p1, a3 = p0 + p1;
+    const float b0 = -p2 - p3, b1 = p2 - p3, b2 = -p2 + p3, b3 = p2 + p3;
+    float4* d4 = reinterpret_cast<float4*>(dst);
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        const int c = (s + rot) & 3;
+        const float b = c == 0 ? b0 : (c == 1 ? b1 : (c == 2 ? b2 : b3));
+        d4[c] = make_float4(a0 + b, a1 + b, a2 + b, a3 + b);
+    }
+}
+
+__device__ __forceinline__ float qjl_load_query(const void* q, QueryType t, std::int64_t i) {
+    if (t == QueryType::F32) return static_cast<const float*>(q)[i];
+    return ::kvq::half_to_float(::kvq::half_t{static_cast<const std::uint16_t*>(q)[i]});
+}
+
+// Step 1: grid = (n_q_heads, ceil(rows / warps)); one warp per sketch row. proj[h][j] = <S_j, q_h>;
+// qf[h] = q_h as fp32 (blockIdx.y == 0); st = S^T [d][rows] (grid-stride over all CTAs).
+__global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf, float* st) {
+    extern __shared__ float sq[];  // [d]
+    const int h = blockIdx.x, d = a.head_dim, rows = a.sketch_rows;
+    const std::int64_t qs = a.query_stride ? a.query_stride : d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        const float v = qjl_load_query(a.query, a.query_type, h * qs + c);
+        sq[c] = v;
+        if (blockIdx.y == 0) qf[std::size_t(h) * d + c] = v;
+    }
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const int j = blockIdx.y * nw + warp;
+    if (j < rows) {
+        const float* sr = a.sketch + std::size_t(j) * d;
+        float s = 0.f;
+        for (int c = lane; c < d; c += 32) s = fmaf(sr[c], sq[c], s);
+#pragma unroll
+        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane == 0) proj[std::size_t(h) * rows + j] = s;
+    }
+    if (st != nullptr) {
+        const std::size_t n = std::size_t(d) * rows;
+        const std::size_t cta = std::size_t(blockIdx.y) * gridDim.x + blockIdx.x;
+        for (std::size_t i = cta * blockDim.x + threadIdx.x; i < n; i += std::size_t(gridDim.x) * gridDim.y * blockDim.x) {
+            const std::size_t c = i / rows, jj = i % rows;
+            st[i] = a.sketch[jj * d + c];
+        }
+    }
+}
+
+// Signed sum of the 8 nibble lookups of one code word (a tree, so the dependent chain is short).
+__device__ __forceinline__ float qjl_word_sum(const float* L, std::uint32_t w) {
+    const float v0 = L[0 * 16 + (w & 15)], v1 = L[1 * 16 + ((w >> 4) & 15)];
+    const float v2 = L[2 * 16 + ((w >> 8) & 15)], v3 = L[3 * 16 + ((w >> 12) & 15)];
+    const float v4 = L[4 * 16 + ((w >> 16) & 15)], v5 = L[5 * 16 + ((w >> 20) & 15)];
+    const float v6 = L[6 * 16 + ((w >> 24) & 15)], v7 = L[7 * 16 + (w >> 28)];
+    return ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7));
+}
+
+// Prefetches [p, p + bytes) into L1 (the code of this lane's token), so that its memory latency
+// overlaps the table build.
+__device__ __forceinline__ void qjl_prefetch_l1(const std::uint8_t* p, std::uint32_t bytes) {
+    for (std::uint32_t o = 0; o < bytes; o += 64) asm volatile("prefetch.global.L1 [%0];" ::"l"(p + o));
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(p + bytes - 1));
+}
+
+// Calls f(word, word_index) for the n_words 32-bit words at p (16-byte loads when aligned).
+template <class F>
+__device__ __forceinline__ void qjl_for_words(const std::uint8_t* p, int w_begin, int w_end, bool aligned16, F&& f) {
+    int w = w_begin;
+    if (aligned16 && (w_begin & 3) == 0) {
+        for (; w + 4 <= w_end; w += 4) {
+            const uint4 v = __ldg(reinterpret_cast<const uint4*>(p) + w / 4);
+            f(v.x, w);
+            f(v.y, w + 1);
+            f(v.z, w + 2);
+            f(v.w, w + 3);
+        }
+    }
+    for (; w < w_end; ++w) f(__ldg(reinterpret_cast<const std::uint32_t*>(p) + w), w);
+}
+
+// Step 2 without outliers. grid = (n_kv_heads, chunks); GT query heads per pass over the codes.
+template <int GT>
+__global__ void qjl_score_plain_kernel(QjlScoreArgs a, const float* proj, int chunk) {
+    extern __shared__ float4 smem4[];
+    float* lut = reinterpret_cast<float*>(smem4);  // [GT][m/4][16]
+    const int kv = blockIdx.x, G = a.n_q_heads / a.n_kv_heads, ntab = a.m / 4, rows = a.sketch_rows;
+    const int T = a.n_tokens, B = static_cast<int>(a.layout.block_tokens);
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const int t_begin = blockIdx.y * chunk, t_end = min(T, t_begin + chunk);
+    const std::int64_t ss = a.score_stride ? a.score_stride : T;
+    const std::uint32_t cb = a.layout.code_bytes;
+    const bool al16 = (cb % 16) == 0;
+    const std::size_t norm_off = a.layout.token_side_offset();
+    const float c_in = static_cast<float>(1.2533141373155003 / a.m);  // sqrt(pi/2) / m
+    const int nwords = a.m / 32;
+    for (int h0 = 0; h0 < G; h0 += GT) {
+        __syncthreads();
+        for (int e = threadIdx.x; e < GT * ntab; e += blockDim.x) {
+            const int hh = e / ntab, k = e % ntab;
+            const float4 p = *reinterpret_cast<const float4*>(proj + std::size_t(kv * G + h0 + hh) * rows + 4 * k);
+            qjl_build_table(p.x, p.y, p.z, p.w, lut + (std::size_t(hh) * ntab + k) * 16, threadIdx.x >> 1);
+        }
+        __syncthreads();
+        for (int g = t_begin + warp * 32; g < t_end; g += nw * 32) {
+            const int tok = g + lane;
+            if (tok >= t_end) continue;
+            const std::uint32_t page = __ldg(a.pages + kv * a.page_stride + tok / B);
+            const int t = tok % B;
+            const std::uint8_t* blk = a.pool + std::size_t(page) * a.block_bytes;
+            float acc[GT];
+#pragma unroll
+            for (int i = 0; i < GT; ++i) acc[i] = 0.f;
+            qjl_for_words(blk + std::size_t(t) * cb, 0, nwords, al16, [&](std::uint32_t w, int wi) {
+                const float* L = lut + wi * 128;
+#pragma unroll
+                for (int i = 0; i < GT; ++i) acc[i] += qjl_word_sum(L + std::size_t(i) * ntab * 16, w);
+            });
+            const std::uint16_t nb = __ldg(reinterpret_cast<const unsigned short*>(blk + norm_off) + t);
+            const float scale = c_in * ::kvq::half_to_float(::kvq::half_t{nb});
+#pragma unroll
+            for (int i = 0; i < GT; ++i) a.scores[std::size_t(kv * G + h0 + i) * ss + tok] = scale * acc[i];
+        }
+    }
+}
+
+// Step 2 with outliers: persistent CTAs; each warp takes 32-token groups (one group = one outlier
+// channel set) of any KV head, and per query head builds that group's tables in its own
+// shared-memory slice [(m + m_o)/4][16]. The correction t = S[:, O] q_O needs k_o columns of S per
+// group and head: S^T is staged in shared memory once per CTA when it fits (st_in_smem), otherwise
+// read from the workspace (L2).
+__global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* proj, const float* qf, const float* st,
+                                         int st_in_smem) {
+    extern __shared__ float4 smem4[];
+    const int ntab_in = a.m / 4, ntab = (a.m + a.m_outlier) / 4;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
+    const int G = a.n_q_heads / a.n_kv_heads, rows = a.sketch_rows, d = a.head_dim;
+    float* smem = reinterpret_cast<float*>(smem4);
+    const float* stp = st;
+    if (st_in_smem) {
+        const int n4 = d * rows / 4;
+        for (int i = threadIdx.x; i < n4; i += blockDim.x) smem4[i] = reinterpret_cast<const float4*>(st)[i];
+        stp = smem;
+        smem += std::size_t(d) * rows;
+        __syncthreads();
+    }
+    float* lut = smem + std::size_t(warp) * ntab * 16;
+    const int T = a.n_tokens, B = static_cast<int>(a.layout.block_tokens), K = a.outliers;
+    const std::int64_t ss = a.score_stride ? a.score_stride : T;
+    const std::uint32_t cb = a.layout.code_bytes;
+    const bool al16 = (cb % 16) == 0;
+    const std::size_t norm_off = a.layout.token_side_offset(), ids_off = a.layout.block_side_offset();
+    const float c_in = static_cast<float>(1.2533141373155003 / a.m);
+    const float c_out = static_cast<float>(1.2533141373155003 / a.m_outlier);
+    const int w_in = a.m / 32, w_all = (a.m + a.m_outlier) / 32;
+    const int gph = (T + 31) / 32;
+    const long long total = static_cast<long long>(gph) * a.n_kv_heads;
+    for (long long item = static_cast<long long>(blockIdx.x) * nw + warp; item < total;
+         item += static_cast<long long>(gridDim.x) * nw) {
+        const int kv = static_cast<int>(item / gph), g = static_cast<int>(item % gph) * 32;
+        // B is a multiple of 32 here: the whole group lies in one block.
+        const std::uint32_t page = __ldg(a.pages + kv * a.page_stride + g / B);
+        const std::uint8_t* blk = a.pool + std::size_t(page) * a.block_bytes;
+        const std::uint8_t* ids = blk + ids_off + std::size_t((g % B) / 32) * K;
+        int id[16];
+#pragma unroll
+        for (int o = 0; o < 16; ++o) id[o] = o < K ? int(__ldg(ids + o)) : 0;
+        const int tok = g + lane;
+        const bool valid = tok < T;
+        const int t = tok % B;
+        float n_in = 0.f, n_out = 0.f;
+        if (valid) {
+            qjl_prefetch_l1(blk + std::size_t(t) * cb, cb);
+            const unsigned short* nrm = reinterpret_cast<const unsigned short*>(blk + norm_off);
+            n_in = ::kvq::half_to_float(::kvq::half_t{__ldg(nrm + t)});
+            n_out = ::kvq::half_to_float(::kvq::half_t{__ldg(nrm + B + t)});
+        }
+        for (int hh = 0; hh < G; ++hh) {
+            const int h = kv * G + hh;
+            float qo[16];
+#pragma unroll
+            for (int o = 0; o < 16; ++o) qo[o] = o < K ? qf[std::size_t(h) * d + id[o]] : 0.f;
+            __syncwarp();
+            for (int jq = lane; jq < rows / 4; jq += 32) {
+                const int j = 4 * jq;
+                float4 tj = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int o = 0; o < 16; ++o) {
+                    if (o < K) {
+                        const float4 s = *reinterpret_cast<const float4*>(stp + std::size_t(id[o]) * rows + j);
+                        tj.x = fmaf(s.x, qo[o], tj.x);
+                        tj.y = fmaf(s.y, qo[o], tj.y);
+                        tj.z = fmaf(s.z, qo[o], tj.z);
+                        tj.w = fmaf(s.w, qo[o], tj.w);
+                    }
+                }
+                if (j < a.m) {
+                    const float4 p = *reinterpret_cast<const float4*>(proj + std::size_t(h) * rows + j);
+                    qjl_build_table(p.x - tj.x, p.y - tj.y, p.z - tj.z, p.w - tj.w, lut + std::size_t(jq) * 16, lane >> 1);
+                }
+                if (j < a.m_outlier) qjl_build_table(tj.x, tj.y, tj.z, tj.w, lut + std::size_t(ntab_in + jq) * 16, lane >> 1);
+            }
+            __syncwarp();
+            if (valid) {
+                const std::uint8_t* code = blk + std::size_t(t) * cb;
+                float acc_in = 0.f, acc_out = 0.f;
+                qjl_for_words(code, 0, w_in, al16, [&](std::uint32_t w, int wi) {
+                    acc_in += qjl_word_sum(lut + wi * 128, w);
+                });
+                qjl_for_words(code, w_in, w_all, al16, [&](std::uint32_t w, int wi) {
+                    acc_out += qjl_word_sum(lut + wi * 128, w);
+                });
+                a.scores[std::size_t(h) * ss + tok] = c_in * n_in * acc_in + c_out * n_out * acc_out;
+            }
+        }
+    }
+    (void)ntab;
+}
+
+inline int qjl_pick_gt(int G, int m) {
+    for (int gt : {8, 4, 2}) {
+        if (G % gt == 0 && std::size_t(gt) * 16 * m <= kQjlSmemBudget) return gt;
+    }
+    return 1;
+}
+
+}  // namespace detail
+
+inline CheckResult can_implement(const QjlScoreArgs& a) {
+    auto fail = [](std::string msg) { return CheckResult{false, "kvq::cuda::launch_qjl_score: " + std::move(msg)}; };
+    if (a.head_dim < 8 || a.head_dim > 256 || a.head_dim % 8 != 0)
+        return fail("head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(a.head_dim));
+    if (a.m < 32 || a.m > 1024 || a.m % 32 != 0) return fail("m must be a multiple of 32 in [32, 1024], got " + std::to_string(a.m));
+    if (a.outliers < 0 || a.outliers > 16 || a.outliers >= a.head_dim)
+        return fail("outliers must be in [0, 16] and below head_dim, got " + std::to_string(a.outliers));
+    if (a.outliers > 0 && (a.m_outlier < 32 || a.m_outlier > 1024 || a.m_outlier % 32 != 0))
+        return fail("m_outlier must be a multiple of 32 in [32, 1024], got " + std::to_string(a.m_outlier));
+    if (a.outliers == 0 && a.m_outlier != 0) return fail("m_outlier must be 0 without outliers");
+    const int rows = a.outliers > 0 ? (a.m > a.m_outlier ? a.m : a.m_outlier) : a.m;
+    if (a.sketch_rows != rows) return fail("sketch_rows must be max(m, m_outlier) = " + std::to_string(rows));
+    const BlockLayout& l = a.layout;
+    const std::uint32_t B = l.block_tokens;
+    if (B == 0 || (B & (B - 1)) != 0) return fail("layout.block_tokens must be a power of two");
+    if (a.outliers > 0 && B % 32 != 0) return fail("with outliers, block_tokens must be a multiple of 32");
+    if (l.code_bytes != std::uint32_t(a.m + a.m_outlier) / 8 || l.token_side_bytes != (a.outliers > 0 ? 4u : 2u) ||
+        l.block_side_bytes != (a.outliers > 0 ? B / 32 * std::uint32_t(a.outliers) : 0u))
+        return fail("layout does not match the QJL parameters (use set_qjl_codec)");
+    if (a.block_bytes < l.bytes() || a.block_bytes % 16 != 0)
+        return fail("block_bytes must be a multiple of 16 and at least layout.bytes() = " + std::to_string(l.bytes()));
+    if (a.n_kv_heads <= 0 || a.n_q_heads <= 0 || a.n_q_heads % a.n_kv_heads != 0)
+        return fail("n_q_heads must be a positive multiple of n_kv_heads");
+    if (a.n_tokens < 0) return fail("n_tokens must be >= 0");
+    if (a.n_tokens > (1 << 30)) return fail("n_tokens must be <= 2^30");
+    const std::int64_t n_pages = (std::int64_t(a.n_tokens) + B - 1) / B;
+    if (a.page_stride < n_pages && a.n_kv_heads > 1) return fail("page_stride is smaller than the page count");
+    if (a.score_stride != 0 && a.score_stride < a.n_tokens) return fail("score_stride must be >= n_tokens");
+    if (a.query_stride != 0 && a.query_stride < a.head_dim) return fail("query_stride must be >= head_dim");
+    if (!a.sketch || !a.query) return fail("sketch and query must be device pointers");
+    if (a.n_tokens > 0 && (!a.pool || !a.pages || !a.scores)) return fail("pool, pages and scores must be set");
+    if (reinterpret_cast<std::uintptr_t>(a.pool) % 16 != 0) return fail("pool must be 16-byte aligned");
+    return {};
+}
+
+inline std::size_t qjl_score_workspace_bytes(const QjlScoreArgs& a) { return detail::qjl_workspace_layout(a).total; }
+
+// Scores all query heads against n_tokens keys. Asynchronous on `stream`; throws kvq::Error on
+// invalid arguments, a too small workspace, or a launch error.
+inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* workspace, std::size_t workspace_bytes) {
+    const CheckResult ok = can_implement(a);
+    KVQ_CHECK(ok.ok, ok.message);
+    const detail::QjlWorkspace w = detail::qjl_workspace_layout(a);
+    KVQ_CHECK(workspace_bytes >= w.total && workspace != nullptr, "kvq::cuda::launch_qjl_score: workspace of ",
+              workspace_bytes, " bytes is below qjl_score_workspace_bytes() = ", w.total);
+    KVQ_CHECK(reinterpret_cast<std::uintptr_t>(workspace) % 256 == 0, "workspace must be 256-byte aligned");
+    auto* base = static_cast<std::uint8_t*>(workspace);
+    float* proj = reinterpret_cast<float*>(base + w.proj);
+    float* qf = reinterpret_cast<float*>(base + w.qf);
+    float* st = a.outliers > 0 ? reinterpret_cast<float*>(base + w.st) : nullptr;
+
+    const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
+    detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
+    KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
+    if (a.n_tokens == 0) return;
+
+    const int groups = (a.n_tokens + 31) / 32;
+    auto chunk_for = [&](int nw) {
+        // About 1024 CTAs in all; each warp at least one 32-token group.
+        const long long total = static_cast<long long>(groups) * a.n_kv_heads;
+        long long per_cta = (total + 1023) / 1024;
+        per_cta = ((per_cta + nw - 1) / nw) * nw;
+        if (per_cta < nw) per_cta = nw;
+        return static_cast<int>(per_cta * 32);
+    };
+    if (a.outliers == 0) {
+        const int G = a.n_q_heads / a.n_kv_heads;
+        const int gt = detail::qjl_pick_gt(G, a.m);
+        const int nw = detail::kQjlWarpsMax;
+        const int chunk = chunk_for(nw);
+        const dim3 grid(a.n_kv_heads, (a.n_tokens + chunk - 1) / chunk);
+        const std::size_t smem = std::size_t(gt) * a.m * 16;
+        auto launch = [&](auto kernel, const char* name) {
+            if (smem > 48 * 1024)
+                KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+            kernel<<<grid, nw * 32, smem, stream>>>(a, proj, chunk);
+            KVQ_CUDA_CHECK_LAUNCH(name);
+        };
+        switch (gt) {
+            case 8: launch(detail::qjl_score_plain_kernel<8>, "qjl_score_plain_kernel<8>"); break;
+            case 4: launch(detail::qjl_score_plain_kernel<4>, "qjl_score_plain_kernel<4>"); break;
+            case 2: launch(detail::qjl_score_plain_kernel<2>, "qjl_score_plain_kernel<2>"); break;
+            default: launch(detail::qjl_score_plain_kernel<1>, "qjl_score_plain_kernel<1>"); break;
+        }
+    } else {
+        const std::size_t per_warp = std::size_t(a.m + a.m_outlier) / 4 * 16 * sizeof(float);
+        const std::size_t st_bytes = std::size_t(a.head_dim) * a.sketch_rows * sizeof(float);
+        int dev = 0, sms = 0, smem_optin = 0;
+        KVQ_CUDA_CHECK(cudaGetDevice(&dev));
+        KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+        const long long items = static_cast<long long>(groups) * a.n_kv_heads;
+        int nw = 0, st_in_smem = 0, ctas_per_sm = 1;
+        std::size_t smem = 0;
+        // S^T in shared memory, one CTA per SM, when at least 4 warps' tables fit beside it.
+        if (st_bytes + 4 * per_warp <= std::size_t(smem_optin)) {
+            nw = static_cast<int>((std::size_t(smem_optin) - st_bytes) / per_warp);
+            nw = nw > 12 ? 12 : nw;
+            st_in_smem = 1;
+            smem = st_bytes + nw * per_warp;
+        } else {
+            nw = static_cast<int>(detail::kQjlSmemBudget / per_warp);
+            nw = nw < 1 ? 1 : (nw > detail::kQjlWarpsMax ? detail::kQjlWarpsMax : nw);
+            smem = per_warp * nw;
+        }
+        if (smem > 48 * 1024)
+            KVQ_CUDA_CHECK(cudaFuncSetAttribute(detail::qjl_score_outlier_kernel,
+                                                cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        KVQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, detail::qjl_score_outlier_kernel,
+                                                                     nw * 32, smem));
+        if (ctas_per_sm < 1) ctas_per_sm = 1;
+        long long ctas = (items + nw - 1) / nw;
+        if (ctas > static_cast<long long>(sms) * ctas_per_sm) ctas = static_cast<long long>(sms) * ctas_per_sm;
+        detail::qjl_score_outlier_kernel<<<static_cast<unsigned>(ctas), nw * 32, smem, stream>>>(a, proj, qf, st,
+                                                                                                st_in_smem);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_score_outlier_kernel");
+    }
+}
+
+}  // namespace kvq::cuda
