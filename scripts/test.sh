@@ -4,15 +4,22 @@
 #                    then ctest without the GPU-only tests (-LE gpu);
 #   2. build-asan/:  the CPU tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. packaging:    cmake --install into a temporary prefix, then tests/consumer built against it
-#                    (find_package) and through add_subdirectory, and run.
+#                    (find_package, pkg-config) and through add_subdirectory, and run;
+#   4. build-tsan/:  kvq_tests under ThreadSanitizer, run on the concurrency tests (Concurrency.*);
+#   5. build-fuzz/:  with clang++: the libFuzzer targets (fuzz/*.cpp), each run FUZZ_SECONDS on a
+#                    copy of its seed corpus; any crash, leak or sanitizer report fails.
 # On a machine with a GPU (nvidia-smi lists one) the GPU tests run too; KVQ_GPU_TESTS=0/1 forces.
-# Environment: JOBS (build parallelism, default nproc), CTEST_JOBS (default 2).
+# Environment: JOBS (build parallelism, default nproc), CTEST_JOBS (default 2), KVQ_TSAN=0 skips
+# stage 4, KVQ_FUZZ=0 skips stage 5, FUZZ_SECONDS (per target, default 30), FUZZ_JOBS (targets
+# fuzzed at once, default 2).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 log() { echo; echo "=== [test] $* ==="; }
+STAGE_T0=$SECONDS
+stage_time() { echo "[test] stage '$1' took $((SECONDS - STAGE_T0)) s"; STAGE_T0=$SECONDS; }
 
 bash scripts/setup.sh
 
@@ -58,6 +65,7 @@ log "build build-test"
 cmake --build build-test -j "$JOBS"
 log "ctest build-test (-LE gpu)"
 ctest --test-dir build-test -LE gpu --output-on-failure -j "$CTEST_JOBS" --no-tests=error
+stage_time release
 
 RUN_GPU="${KVQ_GPU_TESTS:-auto}"
 if [[ "$RUN_GPU" == auto ]]; then
@@ -84,6 +92,7 @@ log "ctest build-asan (-LE gpu)"
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_string_checks=1:detect_stack_use_after_return=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
 ctest --test-dir build-asan -LE gpu --output-on-failure -j "$CTEST_JOBS" --no-tests=error
+stage_time asan
 
 # ---- 3. Packaging: install + consumer project -----------------------------------------------
 PKG_TMP="$(mktemp -d)"
@@ -110,5 +119,106 @@ cmake -S tests/consumer -B "$PKG_TMP/consumer-subdir" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release "-DKVQ_CONSUMER_SOURCE_DIR=$ROOT"
 cmake --build "$PKG_TMP/consumer-subdir" -j "$JOBS"
 "$PKG_TMP/consumer-subdir/kvq_consumer"
+
+PC_FILE="$PKG_TMP/prefix/share/pkgconfig/kvq.pc"
+[[ -f "$PC_FILE" ]] || { echo "[test] $PC_FILE was not installed" >&2; exit 1; }
+if command -v pkg-config >/dev/null 2>&1; then
+    log "consumer via pkg-config"
+    PCP="$PKG_TMP/prefix/share/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+    PC_VERSION="$(PKG_CONFIG_PATH="$PCP" pkg-config --modversion kvq)"
+    grep -q "KVQ_VERSION_MAJOR ${PC_VERSION%%.*}\b" include/kvq/version.hpp \
+        || { echo "[test] kvq.pc version $PC_VERSION does not match include/kvq/version.hpp" >&2; exit 1; }
+    # shellcheck disable=SC2046
+    c++ -std=c++20 $(PKG_CONFIG_PATH="$PCP" pkg-config --cflags kvq) tests/consumer/main.cpp \
+        $(PKG_CONFIG_PATH="$PCP" pkg-config --libs kvq) -o "$PKG_TMP/kvq_consumer_pc"
+    "$PKG_TMP/kvq_consumer_pc"
+else
+    echo "[test] pkg-config not found; only checked that kvq.pc is installed"
+fi
+stage_time packaging
+
+# ---- 4. ThreadSanitizer: the concurrency contract (docs/CONCURRENCY.md) ---------------------
+if [[ "${KVQ_TSAN:-1}" != 0 ]]; then
+    log "configure build-tsan (-fsanitize=thread)"
+    fresh_if_generator_changed build-tsan
+    cmake -S . -B build-tsan "${GEN[@]}" \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DKVQ_BUILD_TESTS=ON -DKVQ_BUILD_BENCH=OFF -DKVQ_BUILD_EXAMPLES=OFF \
+        -DKVQ_ENABLE_CUDA=OFF -DKVQ_SANITIZE=OFF \
+        "-DCMAKE_CXX_FLAGS=-fsanitize=thread -fno-omit-frame-pointer" \
+        "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread"
+    log "build build-tsan (kvq_tests)"
+    cmake --build build-tsan -j "$JOBS" --target kvq_tests
+    log "kvq_tests --gtest_filter='Concurrency.*' under TSan"
+    TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
+        build-tsan/tests/kvq_tests --gtest_filter='Concurrency.*'
+    stage_time tsan
+fi
+
+# ---- 5. libFuzzer targets, each for a bounded time ------------------------------------------
+# -max_len per reader: the largest input worth mutating (seeds longer than this are still read).
+fuzz_max_len() {
+    case "$1" in
+        method_spec) echo 256 ;;
+        tokenizer|safetensors|kv_params) echo 4096 ;;
+        *) echo 16384 ;;
+    esac
+}
+CLANGXX="$(command -v clang++ || true)"
+if [[ "${KVQ_FUZZ:-1}" != 0 && -z "$CLANGXX" ]]; then
+    echo "[test] clang++ not found: fuzz stage skipped (scripts/setup.sh installs clang)"
+elif [[ "${KVQ_FUZZ:-1}" != 0 ]]; then
+    FUZZ_SECONDS="${FUZZ_SECONDS:-30}"
+    FUZZ_JOBS="${FUZZ_JOBS:-2}"
+    log "configure build-fuzz ($CLANGXX, -fsanitize=fuzzer,address,undefined)"
+    fresh_if_generator_changed build-fuzz
+    cmake -S . -B build-fuzz "${GEN[@]}" \
+        -DCMAKE_BUILD_TYPE=RelWithDebInfo "-DCMAKE_CXX_COMPILER=$CLANGXX" \
+        -DKVQ_BUILD_FUZZ=ON -DKVQ_BUILD_TESTS=OFF -DKVQ_BUILD_BENCH=OFF -DKVQ_BUILD_EXAMPLES=OFF \
+        -DKVQ_ENABLE_CUDA=OFF -DKVQ_SANITIZE=OFF
+    log "build build-fuzz"
+    cmake --build build-fuzz -j "$JOBS" --target fuzz
+    FUZZ_TMP="$(mktemp -d)"
+    trap 'rm -rf "$PKG_TMP" "$FUZZ_TMP"' EXIT
+    run_fuzzer() {  # name: runs build-fuzz/fuzz/fuzz-<name>; output in $FUZZ_TMP/<name>.log
+        local name="$1" dir="$FUZZ_TMP/$1"
+        mkdir -p "$dir/corpus" "$dir/artifacts"
+        if [[ -d "fuzz/corpus/$name" ]]; then cp -r "fuzz/corpus/$name/." "$dir/corpus/"; fi
+        ASAN_OPTIONS="detect_leaks=1" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+            "build-fuzz/fuzz/fuzz-$name" -max_total_time="$FUZZ_SECONDS" -max_len="$(fuzz_max_len "$name")" \
+            -timeout=25 -rss_limit_mb=2560 -print_final_stats=1 -artifact_prefix="$dir/artifacts/" \
+            "$dir/corpus" >"$FUZZ_TMP/$name.log" 2>&1
+    }
+    names=()
+    for bin in build-fuzz/fuzz/fuzz-*; do
+        [[ -x "$bin" && -f "$bin" ]] && names+=("${bin##*/fuzz-}")
+    done
+    ((${#names[@]})) || { echo "[test] no fuzz targets were built" >&2; exit 1; }
+    log "fuzzing ${names[*]} for ${FUZZ_SECONDS}s each, $FUZZ_JOBS at a time"
+    for name in "${names[@]}"; do
+        while (($(jobs -rp | wc -l) >= FUZZ_JOBS)); do wait -n || true; done
+        # The exit status goes to a file (wait -n may already have collected it).
+        { if run_fuzzer "$name"; then echo 0; else echo $?; fi >"$FUZZ_TMP/$name.rc"; } &
+    done
+    wait
+    fuzz_failed=()
+    for name in "${names[@]}"; do
+        [[ "$(cat "$FUZZ_TMP/$name.rc" 2>/dev/null)" == 0 ]] || fuzz_failed+=("$name")
+        execs="$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$FUZZ_TMP/$name.log" | grep -o '[0-9]*$' || echo '?')"
+        corpus="$(find "$FUZZ_TMP/$name/corpus" -type f | wc -l)"
+        echo "[fuzz] $name: $execs executions, corpus $corpus inputs"
+    done
+    if ((${#fuzz_failed[@]})); then
+        for name in "${fuzz_failed[@]}"; do
+            echo "[fuzz] $name FAILED; last lines of its log:" >&2
+            tail -n 60 "$FUZZ_TMP/$name.log" >&2
+            mkdir -p build-fuzz/artifacts
+            cp -r "$FUZZ_TMP/$name/artifacts/." build-fuzz/artifacts/ 2>/dev/null || true
+        done
+        echo "[test] fuzzing found problems in: ${fuzz_failed[*]} (reproducers in build-fuzz/artifacts/)" >&2
+        exit 1
+    fi
+    stage_time fuzz
+fi
 
 log "all passed"

@@ -8,6 +8,11 @@
 //   score_rel_err = ||s^ - s||_2 / ||s||_2 over all scores q_t.k_j / sqrt(d), j <= t, every query
 //                   head, step and layer;
 //   attn_rel_err  = ||o^ - o||_2 / ||o||_2 over all decode outputs.
+// Methods with WKVQuant smoothing (wkv, or a mixed spec with a wkv side) are calibrated per layer on
+// the first half of the tokens (T/2); then, whenever any method calibrates, the errors of every
+// method are measured over the second half of the decode steps only, so calibration data never
+// enter the metrics (the output says so). All steps are still decoded, so the cache holds the
+// first half as context.
 // Bits per element are the codecs' exact storage rates (every byte of metadata and padding of a
 // full block counted, from KvCache::memory()); the fp32 window is reported separately.
 #include <algorithm>
@@ -17,6 +22,7 @@
 #include <cstdio>
 #include <exception>
 #include <limits>
+#include <memory>
 #include <new>
 #include <string>
 #include <string_view>
@@ -51,12 +57,23 @@ Workload (default: the built-in synthetic one, see include/kvq/workload/syntheti
 
 Methods:
   --method SPEC      repeatable; default: fp16 int8 int4 int2 qjl:m=128 qjl:m=256 qjl:m=512
+                     kivi:bits=2 kivi:bits=4 wkv:bits=4,calib=none wkv:bits=4 wkv:bits=4,calib=opt
+                     wkv:bits=4,poq=off k=qjl:m=256;v=wkv:bits=4
                      SPEC = NAME[:KEY=VALUE,...]:
                        fp32 | fp16 | bf16                  no quantization
                        int8 | int4 | int3 | int2 [g=32]    token-wise, groups of g channels, K and V
                        qjl [m=256,mo=256,outliers=8,sketch=orthogonal|gaussian,seed=N,vbits=2,vg=32]
                                                            QJL keys, token-wise vbits values
-                     every method also takes window=R and kflush=sliding|chunk (key window flush)
+                       wkv [bits=4,g=d,calib=stats|opt|none]
+                                                           WKVQuant 2-D: per-channel smoothing
+                                                           calibrated on the first half of the
+                                                           tokens, then token-wise bits
+                       kivi [bits=2|4,window=128]          KIVI: per-channel keys over 32 tokens,
+                                                           per-token values (g=32), residual R
+                     every method also takes window=R, kflush=sliding|chunk (key window flush) and
+                     poq=on|off (past-only quantization, default on)
+                     K/V mixing: k=SPEC;v=SPEC (key codec of the first, value codec of the second;
+                     quote it in a shell because of ';')
   --window R         newest R tokens of K and V kept in fp32, sliding (default 0)
   --block B          tokens per cache block, a power of two (default 64)
 
@@ -154,7 +171,11 @@ bool parse_args(int argc, char** argv, Options& o) {
     }
     if (!o.kv_path.empty() && (o.tokens >= 0 || o.layers >= 0 || o.seed_given))
         usage_error("--tokens, --layers and --seed describe the synthetic workload and cannot be combined with --kv");
-    if (o.methods.empty()) o.methods = {"fp16", "int8", "int4", "int2", "qjl:m=128", "qjl:m=256", "qjl:m=512"};
+    if (o.methods.empty())
+        o.methods = {"fp16",        "int8",        "int4",        "int2",
+                     "qjl:m=128",   "qjl:m=256",   "qjl:m=512",   "kivi:bits=2",
+                     "kivi:bits=4", "wkv:bits=4,calib=none", "wkv:bits=4", "wkv:bits=4,calib=opt",
+                     "wkv:bits=4,poq=off", "k=qjl:m=256;v=wkv:bits=4"};
     return true;
 }
 
@@ -367,18 +388,60 @@ struct Result {
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-void run_layer(const kvq::eval::Method& m, const Layer& L, const Reference& ref, const Workload& w, int block, Result& r) {
+// WKV smoothing parameters of one layer for method m from the layer's first calib_tokens tokens.
+std::shared_ptr<const kvq::WkvParams> calibrate_layer(const kvq::eval::Method& m, const Layer& L, const Workload& w,
+                                                      int calib_tokens) {
+    using kvq::calib::CalibMode;
+    const int Hk = w.kv_heads, Hq = w.q_heads, d = w.head_dim;
+    auto P = std::make_shared<kvq::WkvParams>(kvq::WkvParams::identity(1, Hk, d));
+    if (m.key_calib == CalibMode::None && m.value_calib == CalibMode::None) return P;
+    kvq::calib::KvCalibData D;
+    D.n_kv_heads = Hk;
+    D.n_q_heads = Hq;
+    D.head_dim = d;
+    D.tokens = calib_tokens;
+    D.k.assign(L.k.begin(), L.k.begin() + std::ptrdiff_t(calib_tokens) * Hk * d);
+    D.v.assign(L.v.begin(), L.v.begin() + std::ptrdiff_t(calib_tokens) * Hk * d);
+    D.q.assign(L.q.begin(), L.q.begin() + std::ptrdiff_t(calib_tokens) * Hq * d);
+    kvq::WkvLayerParams lp = kvq::calib::calibrate_stats(D);
+    const kvq::WkvLayerParams id = P->layers[0];
+    if (!m.smooth_keys || m.key_calib == CalibMode::None) lp.k_shift = id.k_shift, lp.k_scale = id.k_scale;
+    if (!m.smooth_values || m.value_calib == CalibMode::None) lp.v_shift = id.v_shift, lp.v_scale = id.v_scale;
+    if (m.key_calib == CalibMode::Opt || m.value_calib == CalibMode::Opt) {
+        kvq::calib::OptOptions oo;
+        oo.bits = m.calib_bits;
+        oo.group = m.calib_group;
+        oo.smooth_keys = m.smooth_keys && m.key_calib == CalibMode::Opt;
+        oo.smooth_values = m.smooth_values && m.value_calib == CalibMode::Opt;
+        lp = kvq::calib::calibrate_opt(D, lp, oo);
+    }
+    P->layers[0] = lp;
+    return P;
+}
+
+void run_layer(const kvq::eval::Method& m, const Layer& L, const Reference& ref, const Workload& w, int block,
+               int metric_from, int calib_tokens, Result& r) {
     const int T = w.tokens, Hk = w.kv_heads, Hq = w.q_heads, d = w.head_dim;
     std::vector<float> out(std::size_t(Hq) * d), scores(std::size_t(Hq) * T);
     auto t0 = Clock::now();
-    kvq::KvCache cache(m.cache_config(1, Hk, block), m.key_codec, m.value_codec);
+    std::unique_ptr<kvq::KvCache> plain;
+    std::unique_ptr<kvq::WkvKvCache> wkv;
+    if (m.smoothing())
+        wkv = std::make_unique<kvq::WkvKvCache>(m.cache_config(1, Hk, block), m.key_codec, m.value_codec,
+                                                calibrate_layer(m, L, w, calib_tokens), m.smooth_keys, m.smooth_values);
+    else
+        plain = std::make_unique<kvq::KvCache>(m.cache_config(1, Hk, block), m.key_codec, m.value_codec);
     kvq::AttentionWorkspace ws;
     r.seconds += seconds_since(t0);
     for (int t = 0; t < T; ++t) {
         t0 = Clock::now();
-        kvq::decode_step(cache, 0, L.q.data() + std::size_t(t) * Hq * d, Hq, L.k.data() + std::size_t(t) * Hk * d,
-                         L.v.data() + std::size_t(t) * Hk * d, out.data(), ws, scores.data());
+        const float* qt = L.q.data() + std::size_t(t) * Hq * d;
+        const float* kt = L.k.data() + std::size_t(t) * Hk * d;
+        const float* vt = L.v.data() + std::size_t(t) * Hk * d;
+        if (wkv) wkv->decode_step(0, qt, Hq, kt, vt, out.data(), ws, scores.data());
+        else kvq::decode_step(*plain, 0, qt, Hq, kt, vt, out.data(), ws, scores.data());
         r.seconds += seconds_since(t0);
+        if (t < metric_from) continue;
         const float* s_ref = ref.scores.data() + ref.offset(t);
         const std::size_t n = std::size_t(Hq) * (t + 1);  // scores_out is [H_q][t + 1], as the reference
         for (std::size_t i = 0; i < n; ++i) {
@@ -393,7 +456,7 @@ void run_layer(const kvq::eval::Method& m, const Layer& L, const Reference& ref,
             r.out_den += o_ref[i] * o_ref[i];
         }
     }
-    const kvq::MemoryReport mem = cache.memory();
+    const kvq::MemoryReport mem = wkv ? wkv->memory() : plain->memory();
     r.key_bits = mem.key_bits_per_element;
     r.value_bits = mem.value_bits_per_element;
     r.window_bytes += mem.window_bytes;
@@ -418,7 +481,7 @@ std::string quote(const std::string& s) {
     }
 }
 
-void print_json(const Workload& w, const Options& o, const std::vector<Result>& results) {
+void print_json(const Workload& w, const Options& o, const std::vector<Result>& results, int metric_from, int calib_tokens) {
     std::string s = "{\"methods\":[";
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
@@ -447,17 +510,22 @@ void print_json(const Workload& w, const Options& o, const std::vector<Result>& 
     s += ",\"window\":" + std::to_string(o.window);
     s += ",\"block_tokens\":" + std::to_string(o.block);
     s += ",\"past_only\":true";
+    s += ",\"metric_steps_from\":" + std::to_string(metric_from);
+    s += ",\"calibration_tokens\":" + std::to_string(calib_tokens);
     s += "}}\n";
     std::fputs(s.c_str(), stdout);
 }
 
 void print_table(const Workload& w, const Options& o, const std::vector<Result>& results, double total_seconds,
-                 double reference_seconds) {
+                 double reference_seconds, int metric_from, int calib_tokens) {
     std::printf("kvq-eval %s\n", kvq::version());
     std::printf("workload: %s\n", w.description.c_str());
     std::printf("queries:  %s\n", w.queries.c_str());
-    std::printf("decode:   %d steps x %d layers, %d query / %d KV heads, d=%d; past-only, block=%d, window=%d (fp32, sliding)\n",
+    std::printf("decode:   %d steps x %d layers, %d query / %d KV heads, d=%d; past-only (unless poq=off), block=%d, window=%d (fp32, sliding)\n",
                 w.tokens, w.layers, w.q_heads, w.kv_heads, w.head_dim, o.block, o.window);
+    if (calib_tokens > 0)
+        std::printf("calib:    WKV smoothing calibrated per layer on tokens [0, %d) of each %s; metrics of every method over decode steps [%d, %d) only (no leakage)\n",
+                    calib_tokens, w.source == "synthetic" ? "synthetic layer" : "dump layer", metric_from, w.tokens);
     std::printf("errors vs exact float64 causal attention; bits/elem include all metadata; window KiB = fp32 window at the end\n\n");
     std::size_t nw = 6;
     for (const Result& r : results) nw = std::max(nw, r.name.size());
@@ -475,8 +543,8 @@ void print_table(const Workload& w, const Options& o, const std::vector<Result>&
 int run(const Options& o) {
     const auto t_start = Clock::now();
     // Methods first, so that a bad spec fails before any expensive work.
-    std::vector<kvq::eval::MethodSpec> specs;
-    for (const std::string& s : o.methods) specs.push_back(kvq::eval::parse_method_spec(s));
+    std::vector<kvq::eval::KvSpec> specs;
+    for (const std::string& s : o.methods) specs.push_back(kvq::eval::parse_kv_spec(s));
 
     Workload w = o.kv_path.empty() ? synthetic_workload(o) : dump_workload(o);
     const double ref_floats = double(w.q_heads) * w.tokens * (w.tokens + 1.0) / 2.0;
@@ -501,16 +569,22 @@ int run(const Options& o) {
         }
     }
 
+    bool calibrates = false;
+    for (const kvq::eval::Method& m : methods)
+        calibrates |= (m.smooth_keys && m.key_calib != kvq::calib::CalibMode::None) ||
+                      (m.smooth_values && m.value_calib != kvq::calib::CalibMode::None);
+    const int calib_tokens = calibrates ? w.tokens / 2 : 0, metric_from = calib_tokens;
+    KVQ_CHECK(!calibrates || calib_tokens >= 2, "WKV calibration needs at least 4 tokens (half for calibration), got ", w.tokens);
     double reference_seconds = 0;
     for (int l = 0; l < w.layers; ++l) {
         const auto t0 = Clock::now();
         const Reference ref = reference(w.data[l], w.tokens, w.kv_heads, w.q_heads, w.head_dim);
         reference_seconds += seconds_since(t0);
-        for (std::size_t i = 0; i < methods.size(); ++i) run_layer(methods[i], w.data[l], ref, w, o.block, results[i]);
+        for (std::size_t i = 0; i < methods.size(); ++i) run_layer(methods[i], w.data[l], ref, w, o.block, metric_from, calib_tokens, results[i]);
     }
 
-    if (o.json) print_json(w, o, results);
-    else print_table(w, o, results, seconds_since(t_start), reference_seconds);
+    if (o.json) print_json(w, o, results, metric_from, calib_tokens);
+    else print_table(w, o, results, seconds_since(t_start), reference_seconds, metric_from, calib_tokens);
     return 0;
 }
 

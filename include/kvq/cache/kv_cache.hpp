@@ -11,7 +11,13 @@
 //    them back through the codec.
 // Appends validate everything and reserve every block before changing anything: a failed append
 // leaves the cache as it was.
+// State export/import (KvCacheState, state(), from_state(), swap()) is what persistence
+// (kvq/io/cache_file.hpp) and migration between pools build on.
+// Concurrency (docs/CONCURRENCY.md): const members may run concurrently with each other; append,
+// clear and swap need exclusive access to this cache. Different caches may be appended to
+// concurrently even when they share a BlockPool.
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <vector>
 
@@ -66,6 +72,22 @@ struct StreamView {
     int window_stride = 0;
 };
 
+// A cache's contents, independent of pools and block ids: what state() exports and from_state()
+// rebuilds. Shapes are in terms of the config (H = n_kv_heads, d = head_dim, B = block_tokens).
+struct KvStreamState {
+    int encoded = 0;                  // tokens [0, encoded) are in blocks
+    std::vector<std::uint8_t> blocks;  // [H][ceil(encoded / B)][block bytes]: each head's pages in order
+    std::vector<float> window;        // [tokens - encoded][H][d]: the fp32 window, oldest token first
+};
+struct KvLayerState {
+    int tokens = 0;
+    KvStreamState key, value;
+};
+struct KvCacheState {
+    CacheConfig config;
+    std::vector<KvLayerState> layers;  // [n_layers]
+};
+
 class KvCache {
 public:
     KvCache(const CacheConfig& cfg, std::shared_ptr<const Codec> key_codec, std::shared_ptr<const Codec> value_codec,
@@ -112,20 +134,23 @@ public:
         const int fv = flush_count(L.value, n, cfg_.value_window, vc_->granularity());
         const std::uint64_t need_k = std::uint64_t(H) * (blocks_for(L.key.encoded + fk) - blocks_for(L.key.encoded));
         const std::uint64_t need_v = std::uint64_t(H) * (blocks_for(L.value.encoded + fv) - blocks_for(L.value.encoded));
+        // Reserved atomically, so that other sequences appending to a shared pool at the same time
+        // cannot take the blocks between the check and the flush.
+        BlockPool::Reservation rk, rv;
         if (kpool_ == vpool_) {
-            KVQ_CHECK(kpool_->available() >= need_k + need_v, "block pool too small: append needs ", need_k + need_v,
+            KVQ_CHECK(kpool_->try_reserve(need_k + need_v, rk), "block pool too small: append needs ", need_k + need_v,
                       " blocks, ", kpool_->available(), " available");
         } else {
-            KVQ_CHECK(kpool_->available() >= need_k, "key block pool too small: needs ", need_k, " blocks, ",
+            KVQ_CHECK(kpool_->try_reserve(need_k, rk), "key block pool too small: needs ", need_k, " blocks, ",
                       kpool_->available(), " available");
-            KVQ_CHECK(vpool_->available() >= need_v, "value block pool too small: needs ", need_v, " blocks, ",
+            KVQ_CHECK(vpool_->try_reserve(need_v, rv), "value block pool too small: needs ", need_v, " blocks, ",
                       vpool_->available(), " available");
         }
         // Nothing below can fail.
         push_window(L.key, k, n);
         push_window(L.value, v, n);
-        flush(L.key, fk, *kc_, *kpool_);
-        flush(L.value, fv, *vc_, *vpool_);
+        flush(L.key, fk, *kc_, *kpool_, rk);
+        flush(L.value, fv, *vc_, *vpool_, kpool_ == vpool_ ? rk : rv);
         L.tokens += n;
     }
 
@@ -157,6 +182,77 @@ public:
             release(L.value, *vpool_);
             L.tokens = 0;
         }
+    }
+
+    std::shared_ptr<const Codec> key_codec_ptr() const { return kc_; }
+    std::shared_ptr<const Codec> value_codec_ptr() const { return vc_; }
+    std::shared_ptr<BlockPool> key_pool() const { return kpool_; }
+    std::shared_ptr<BlockPool> value_pool() const { return vpool_; }
+
+    // Exports the whole contents: config, token counts, every block's bytes in page order and the
+    // fp32 windows. from_state(state(), same codecs) gives a cache that behaves identically.
+    KvCacheState state() const {
+        KvCacheState st;
+        st.config = cfg_;
+        st.layers.resize(layers_.size());
+        for (std::size_t l = 0; l < layers_.size(); ++l) {
+            st.layers[l].tokens = layers_[l].tokens;
+            export_stream(layers_[l].key, *kpool_, st.layers[l].key);
+            export_stream(layers_[l].value, *vpool_, st.layers[l].value);
+        }
+        return st;
+    }
+
+    // Rebuilds a cache from st with the given codecs (and pools, as in the constructor). Validates
+    // everything first -- the config (as the constructor does), per layer: 0 <= encoded <= tokens,
+    // encoded a multiple of the codec's granularity, sizes of blocks and window, a window that the
+    // window policy can leave behind after an append, window values the codec accepts -- then
+    // reserves all blocks at once. Throws kvq::Error on any mismatch; the pools are then unchanged.
+    // Block bytes are copied as given: codec-specific checks of their contents are the caller's
+    // (kvq/io/codec_registry.hpp has them for files).
+    static std::unique_ptr<KvCache> from_state(const KvCacheState& st, std::shared_ptr<const Codec> key_codec,
+                                               std::shared_ptr<const Codec> value_codec,
+                                               std::shared_ptr<BlockPool> key_pool = {},
+                                               std::shared_ptr<BlockPool> value_pool = {}) {
+        auto c = std::make_unique<KvCache>(st.config, std::move(key_codec), std::move(value_codec), std::move(key_pool),
+                                           std::move(value_pool));
+        KVQ_CHECK(st.layers.size() == std::size_t(st.config.n_layers), "cache state has ", st.layers.size(),
+                  " layers, its config ", st.config.n_layers);
+        std::uint64_t need_k = 0, need_v = 0;
+        for (std::size_t l = 0; l < st.layers.size(); ++l) {
+            const KvLayerState& L = st.layers[l];
+            KVQ_CHECK(L.tokens >= 0, "layer ", l, ": negative token count ", L.tokens);
+            need_k += c->check_stream_state(L.key, L.tokens, *c->kc_, c->cfg_.key_window, "key", l);
+            need_v += c->check_stream_state(L.value, L.tokens, *c->vc_, c->cfg_.value_window, "value", l);
+        }
+        BlockPool::Reservation rk, rv;
+        if (c->kpool_ == c->vpool_) {
+            KVQ_CHECK(c->kpool_->try_reserve(need_k + need_v, rk), "block pool too small: the state needs ",
+                      need_k + need_v, " blocks, ", c->kpool_->available(), " available");
+        } else {
+            KVQ_CHECK(c->kpool_->try_reserve(need_k, rk), "key block pool too small: the state needs ", need_k,
+                      " blocks, ", c->kpool_->available(), " available");
+            KVQ_CHECK(c->vpool_->try_reserve(need_v, rv), "value block pool too small: the state needs ", need_v,
+                      " blocks, ", c->vpool_->available(), " available");
+        }
+        for (std::size_t l = 0; l < st.layers.size(); ++l) {
+            Layer& L = c->layers_[l];
+            c->import_stream(st.layers[l].key, *c->kpool_, rk, L.key);
+            c->import_stream(st.layers[l].value, *c->vpool_, c->kpool_ == c->vpool_ ? rk : rv, L.value);
+            L.tokens = st.layers[l].tokens;
+        }
+        return c;
+    }
+
+    // Exchanges the whole contents (config, codecs, pools, tokens) of two caches; never throws.
+    // With from_state this replaces a cache's contents only once the new ones are complete.
+    void swap(KvCache& other) noexcept {
+        std::swap(cfg_, other.cfg_);
+        kc_.swap(other.kc_);
+        vc_.swap(other.vc_);
+        kpool_.swap(other.kpool_);
+        vpool_.swap(other.vpool_);
+        layers_.swap(other.layers_);
     }
 
 private:
@@ -191,7 +287,9 @@ private:
 
     // Tokens to encode after n more arrive; always a multiple of the codec's granularity.
     int flush_count(const Stream& s, int n, const WindowPolicy& p, int gran) const {
-        const int w = window_count(s) + n;
+        return flush_count_for(window_count(s) + n, p, gran);
+    }
+    static int flush_count_for(int w, const WindowPolicy& p, int gran) {
         if (p.mode == FlushMode::Chunk && p.tokens > 0) return w >= p.tokens ? (w / gran) * gran : 0;
         const int excess = w - p.tokens;
         return excess >= gran ? (excess / gran) * gran : 0;
@@ -205,7 +303,7 @@ private:
         s.window.insert(s.window.end(), x, x + std::size_t(n) * stride());
     }
 
-    void flush(Stream& s, int count, const Codec& codec, BlockPool& pool) {
+    void flush(Stream& s, int count, const Codec& codec, BlockPool& pool, BlockPool::Reservation& res) {
         if (count == 0) return;
         const int B = cfg_.block_tokens, d = cfg_.head_dim, H = cfg_.n_kv_heads;
         std::vector<float> rows(std::size_t(count) * d);
@@ -215,7 +313,7 @@ private:
             int done = 0;
             while (done < count) {
                 const int pos = s.encoded + done;
-                if (pos % B == 0) s.pages[h].push_back(pool.allocate());
+                if (pos % B == 0) s.pages[h].push_back(res.allocate());
                 const int n = std::min(count - done, B - pos % B);
                 codec.encode(rows.data() + std::size_t(done) * d, n, pool.data(s.pages[h].back()), B, pos % B);
                 done += n;
@@ -223,6 +321,60 @@ private:
         }
         s.encoded += count;
         s.start += count;
+    }
+
+    void export_stream(const Stream& s, const BlockPool& pool, KvStreamState& out) const {
+        out.encoded = s.encoded;
+        const std::size_t bb = pool.block_bytes();
+        std::size_t pages = 0;
+        for (const auto& pg : s.pages) pages += pg.size();
+        out.blocks.resize(pages * bb);
+        std::size_t at = 0;
+        for (const auto& pg : s.pages)
+            for (std::uint32_t id : pg) {
+                std::memcpy(out.blocks.data() + at, pool.data(id), bb);
+                at += bb;
+            }
+        const auto first = s.window.begin() + std::ptrdiff_t(s.start) * stride();
+        out.window.assign(first, s.window.end());
+    }
+
+    // Validates one stream of a state against this (empty) cache; returns the blocks it needs.
+    std::uint64_t check_stream_state(const KvStreamState& s, int tokens, const Codec& c, const WindowPolicy& p,
+                                     const char* what, std::size_t layer) const {
+        KVQ_CHECK(s.encoded >= 0 && s.encoded <= tokens, "layer ", layer, " ", what, ": encoded tokens ", s.encoded,
+                  " out of range [0, ", tokens, "]");
+        KVQ_CHECK(s.encoded % c.granularity() == 0, "layer ", layer, " ", what, ": encoded tokens ", s.encoded,
+                  " not a multiple of the codec's granularity ", c.granularity());
+        const int w = tokens - s.encoded;
+        KVQ_CHECK(s.window.size() == std::size_t(w) * std::size_t(stride()), "layer ", layer, " ", what, ": window has ",
+                  s.window.size(), " floats, expected ", std::size_t(w) * std::size_t(stride()));
+        KVQ_CHECK(flush_count_for(w, p, c.granularity()) == 0, "layer ", layer, " ", what, ": a window of ", w,
+                  " tokens is not one the window policy (", p.tokens, " tokens, ",
+                  p.mode == FlushMode::Chunk ? "chunk" : "sliding", ") leaves behind");
+        const std::uint64_t pages = blocks_for(s.encoded);
+        const std::uint64_t bytes = pages * std::uint64_t(cfg_.n_kv_heads) * c.layout(cfg_.block_tokens).bytes();
+        KVQ_CHECK(s.blocks.size() == bytes, "layer ", layer, " ", what, ": block data has ", s.blocks.size(),
+                  " bytes, expected ", bytes);
+        if (w > 0) c.validate(s.window.data(), w * cfg_.n_kv_heads);
+        return pages * std::uint64_t(cfg_.n_kv_heads);
+    }
+
+    void import_stream(const KvStreamState& in, BlockPool& pool, BlockPool::Reservation& res, Stream& s) {
+        const std::size_t bb = pool.block_bytes();
+        const std::size_t per_head = std::size_t(blocks_for(in.encoded));
+        std::size_t at = 0;
+        for (auto& pg : s.pages) {
+            pg.reserve(per_head);
+            for (std::size_t i = 0; i < per_head; ++i) {
+                pg.push_back(res.allocate());
+                std::memcpy(pool.data(pg.back()), in.blocks.data() + at, bb);
+                at += bb;
+            }
+        }
+        s.encoded = in.encoded;
+        s.window = in.window;
+        s.start = 0;
     }
 
     void release(Stream& s, BlockPool& pool) {
@@ -242,8 +394,11 @@ private:
         v.pages = s.pages[head].data();
         v.block_tokens = cfg_.block_tokens;
         v.encoded = s.encoded;
-        v.window = s.window.data() + std::size_t(s.start) * stride() + std::size_t(head) * cfg_.head_dim;
         v.window_tokens = window_count(s);
+        // No window: null (an empty vector's data() may be null, and offsetting null is UB).
+        v.window = v.window_tokens > 0
+                       ? s.window.data() + std::size_t(s.start) * stride() + std::size_t(head) * cfg_.head_dim
+                       : nullptr;
         v.window_stride = stride();
         return v;
     }

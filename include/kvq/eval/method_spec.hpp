@@ -16,6 +16,12 @@
 //   int8, int4, int3, int2    TokenwiseCodec for K and V: b bits, groups of g channels
 //                             (g = 32 default), fp16 step and min per (token, group)
 //   qjl                       K = QjlKeyCodec, V = TokenwiseCodec(vbits, vg)
+//   wkv                       WKVQuant 2-D: static per-channel smoothing (delta, s per layer, K and V,
+//                             calibrated) + WkvCodec (token-wise bits, group g) for K and V; run
+//                             through WkvKvCache (kvq/quant/wkv_codec.hpp)
+//   kivi                      K = KiviKeyCodec (per channel over 32 tokens), V = TokenwiseCodec(bits,
+//                             32); residual window=R (default 128, not the caller's default): keys
+//                             flush in chunks of R, values slide
 // Keys (all optional):
 //   every method  window=R    newest R tokens of K and V kept in fp32 (default: the caller's, e.g.
 //                             kvq-eval --window); 0..2^20
@@ -29,6 +35,19 @@
 //                 seed=       sketch seed (uint64), default QjlParams{}.seed
 //                 vbits=      value bits (2, 3, 4, 8), default 2
 //                 vg=         value group, default 32
+//   wkv           bits=       2, 3, 4 or 8, default 4
+//                 g=          channels per group (divides head_dim), default head_dim
+//                 calib=stats|opt|none   how delta, s are found (none: delta = 0, s = 1, i.e. plain
+//                             token-wise quantization), default stats
+//   kivi          bits=       2 or 4, default 2
+//   every method  poq=on|off  past-only quantization (default on; see kv_cache.hpp)
+//
+// Key/value mixing: "k=SPEC;v=SPEC" takes the key codec (and key window, kflush, K smoothing) of the
+// first spec and the value codec (value window, V smoothing) of the second, e.g.
+// "k=qjl:m=256;v=wkv:bits=4" (QJL keys, WKV 4-bit values) or "k=kivi:bits=2;v=int4". poq, if given
+// on both sides, must agree. parse_kv_spec() / make_method(text) accept both forms;
+// parse_method_spec() only the single form. Canonical form of a mixed spec:
+// "k=" + canonical(K) + ";v=" + canonical(V).
 // Ranges that depend on the codec or the head dimension are checked by make_method(), which also
 // throws kvq::Error naming the spec.
 //
@@ -47,11 +66,14 @@
 #include <vector>
 
 #include "kvq/cache/kv_cache.hpp"
+#include "kvq/calibration/kv_calibration.hpp"
 #include "kvq/core/error.hpp"
 #include "kvq/quant/codec.hpp"
 #include "kvq/quant/identity_codec.hpp"
+#include "kvq/quant/kivi_codec.hpp"
 #include "kvq/quant/qjl_key_codec.hpp"
 #include "kvq/quant/tokenwise_codec.hpp"
+#include "kvq/quant/wkv_codec.hpp"
 
 namespace kvq::eval {
 
@@ -124,9 +146,11 @@ inline const std::vector<MethodDef>& method_table() {
         const KeyDef window{"window", KeyType::Int, 1u << 20, {}};
         const KeyDef kflush{"kflush", KeyType::Enum, 0, {"sliding", "chunk"}};
         const KeyDef g{"g", KeyType::Int, 1u << 16, {}};
+        const KeyDef poq{"poq", KeyType::Enum, 0, {"on", "off"}};
+        const KeyDef bits{"bits", KeyType::Int, 1u << 16, {}};
         std::vector<MethodDef> t;
-        for (const char* n : {"fp32", "fp16", "bf16"}) t.push_back({n, {window, kflush}});
-        for (const char* n : {"int8", "int4", "int3", "int2"}) t.push_back({n, {g, window, kflush}});
+        for (const char* n : {"fp32", "fp16", "bf16"}) t.push_back({n, {window, kflush, poq}});
+        for (const char* n : {"int8", "int4", "int3", "int2"}) t.push_back({n, {g, window, kflush, poq}});
         t.push_back({"qjl",
                      {{"m", KeyType::Int, 1u << 16, {}},
                       {"mo", KeyType::Int, 1u << 16, {}},
@@ -136,7 +160,10 @@ inline const std::vector<MethodDef>& method_table() {
                       {"vbits", KeyType::Int, 1u << 16, {}},
                       {"vg", KeyType::Int, 1u << 16, {}},
                       window,
-                      kflush}});
+                      kflush,
+                      poq}});
+        t.push_back({"wkv", {bits, g, {"calib", KeyType::Enum, 0, {"stats", "opt", "none"}}, window, kflush, poq}});
+        t.push_back({"kivi", {bits, window, poq}});
         return t;
     }();
     return table;
@@ -263,15 +290,33 @@ inline MethodSpec parse_method_spec(std::string_view text) {
 
 // A ready method: codecs and window policy, plus its names.
 struct Method {
-    MethodSpec spec;
+    MethodSpec spec;  // the key side's spec for a mixed method (see value_spec / mixed)
     std::shared_ptr<const Codec> key_codec, value_codec;
     WindowPolicy key_window, value_window;
+    bool past_only = true;
+    // WKVQuant smoothing (wkv): which side is smoothed and how its delta, s are calibrated. A method
+    // with smoothing must run through WkvKvCache with parameters from calibration (kvq-eval does).
+    bool smooth_keys = false, smooth_values = false;
+    calib::CalibMode key_calib = calib::CalibMode::None, value_calib = calib::CalibMode::None;
+    int calib_bits = 4, calib_group = 0;  // the WKV codec being calibrated for (group 0: head_dim)
+    bool mixed = false;
+    MethodSpec value_spec;  // mixed only
 
-    std::string canonical() const { return spec.canonical(); }
+    bool smoothing() const { return smooth_keys || smooth_values; }
+    std::string canonical() const {
+        return mixed ? "k=" + spec.canonical() + ";v=" + value_spec.canonical() : spec.canonical();
+    }
     // Every parameter spelled out, e.g. "K=qjl:m=256,mo=256,outliers=8,sketch=orthogonal V=int2:g=32 window=0".
     std::string description() const {
         std::string s = "K=" + key_codec->name() + " V=" + value_codec->name() + " window=" + std::to_string(key_window.tokens);
+        if (value_window.tokens != key_window.tokens) s += " vwindow=" + std::to_string(value_window.tokens);
         if (key_window.mode == FlushMode::Chunk) s += " kflush=chunk";
+        const auto mode = [](calib::CalibMode m) {
+            return m == calib::CalibMode::Opt ? "opt" : (m == calib::CalibMode::Stats ? "stats" : "none");
+        };
+        if (smooth_keys) s += std::string(" K-smoothing=") + mode(key_calib);
+        if (smooth_values) s += std::string(" V-smoothing=") + mode(value_calib);
+        s += past_only ? " poq=on" : " poq=off";
         return s;
     }
     // A cache configuration for this method (the window policies filled in).
@@ -283,7 +328,7 @@ struct Method {
         c.block_tokens = block_tokens;
         c.key_window = key_window;
         c.value_window = value_window;
-        c.past_only = past_only;
+        c.past_only = past_only && this->past_only;
         return c;
     }
 };
@@ -334,6 +379,23 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
             p.group = as_int(get_int("g", 32));
             m.key_codec = std::make_shared<TokenwiseCodec>(p);
             m.value_codec = m.key_codec;
+        } else if (n == "wkv") {
+            const int bits = as_int(get_int("bits", 4));
+            const int g = as_int(get_int("g", std::uint64_t(head_dim)));
+            KVQ_CHECK(g >= 1, "g must be at least 1");
+            m.key_codec = std::make_shared<WkvCodec>(head_dim, bits, g);
+            m.value_codec = m.key_codec;
+            const std::string c = get_word("calib", "stats");
+            const calib::CalibMode mode =
+                c == "opt" ? calib::CalibMode::Opt : (c == "none" ? calib::CalibMode::None : calib::CalibMode::Stats);
+            m.smooth_keys = m.smooth_values = true;
+            m.key_calib = m.value_calib = mode;
+            m.calib_bits = bits;
+            m.calib_group = g;
+        } else if (n == "kivi") {
+            const KiviConfig k = make_kivi(head_dim, as_int(get_int("bits", 2)), as_int(get_int("window", kKiviResidual)));
+            m.key_codec = k.key_codec;
+            m.value_codec = k.value_codec;
         } else {  // qjl
             QjlParams p;
             p.head_dim = head_dim;
@@ -351,6 +413,12 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
         }
         m.key_window = {window, get_word("kflush", "sliding") == "chunk" ? FlushMode::Chunk : FlushMode::Sliding};
         m.value_window = {window, FlushMode::Sliding};
+        if (n == "kivi") {
+            const int r = as_int(get_int("window", kKiviResidual));
+            m.key_window = {r, FlushMode::Chunk};
+            m.value_window = {r, FlushMode::Sliding};
+        }
+        m.past_only = get_word("poq", "on") == "on";
         if (m.key_window.mode == FlushMode::Chunk)
             KVQ_CHECK(window % m.key_codec->granularity() == 0, "key chunk window (", window,
                       ") must be a multiple of the key codec's encoding granularity (", m.key_codec->granularity(), ")");
@@ -360,8 +428,56 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
     return m;
 }
 
+// A single or mixed ("k=SPEC;v=SPEC") spec, parsed.
+struct KvSpec {
+    MethodSpec key, value;  // equal for a single spec
+    bool mixed = false;
+    std::string canonical() const { return mixed ? "k=" + key.canonical() + ";v=" + value.canonical() : key.canonical(); }
+    friend bool operator==(const KvSpec&, const KvSpec&) = default;
+};
+
+inline KvSpec parse_kv_spec(std::string_view text) {
+    KvSpec s;
+    if (text.substr(0, 2) != "k=") {
+        s.key = s.value = parse_method_spec(text);
+        return s;
+    }
+    KVQ_CHECK(text.size() <= 2 * kMaxSpecChars + 5, "method spec ", detail::quote(text), " is too long");
+    const std::size_t semi = text.find(';');
+    KVQ_CHECK(semi != std::string_view::npos && text.substr(semi + 1, 2) == "v=", "mixed method spec ", detail::quote(text),
+              " must be of the form k=SPEC;v=SPEC");
+    const std::string_view ks = text.substr(2, semi - 2), vs = text.substr(semi + 3);
+    KVQ_CHECK(vs.find(';') == std::string_view::npos, "mixed method spec ", detail::quote(text), " has more than one ';'");
+    s.key = parse_method_spec(ks);
+    s.value = parse_method_spec(vs);
+    s.mixed = true;
+    if (s.key.has("poq") && s.value.has("poq"))
+        KVQ_CHECK(s.key.params.at("poq") == s.value.params.at("poq"), "mixed method spec ", detail::quote(text),
+                  ": poq differs between the key and the value spec");
+    return s;
+}
+
+inline Method make_method(const KvSpec& s, int head_dim, int default_window = 0) {
+    if (!s.mixed) return make_method(s.key, head_dim, default_window);
+    const Method k = make_method(s.key, head_dim, default_window);
+    const Method v = make_method(s.value, head_dim, default_window);
+    Method m = k;
+    m.mixed = true;
+    m.value_spec = v.spec;
+    m.value_codec = v.value_codec;
+    m.value_window = v.value_window;
+    m.smooth_values = v.smooth_values;
+    m.value_calib = v.value_calib;
+    if (!k.smooth_keys) {  // the calibration objective quantizes with the smoothed side's codec
+        m.calib_bits = v.calib_bits;
+        m.calib_group = v.calib_group;
+    }
+    m.past_only = (s.key.has("poq") ? k.past_only : true) && (s.value.has("poq") ? v.past_only : true);
+    return m;
+}
+
 inline Method make_method(std::string_view spec_text, int head_dim, int default_window = 0) {
-    return make_method(parse_method_spec(spec_text), head_dim, default_window);
+    return make_method(parse_kv_spec(spec_text), head_dim, default_window);
 }
 
 }  // namespace kvq::eval

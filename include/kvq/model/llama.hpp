@@ -55,6 +55,21 @@ inline void matvec(float* out, const float* w, const float* x, int rows, int col
     }
 }
 
+// Same product with 8 independent partial sums per row (vectorizes; different float rounding from
+// matvec). Used for the larger GGUF models, where speed matters more than matching run.c bit for bit.
+inline void matvec_fast(float* out, const float* w, const float* x, int rows, int cols) {
+    for (int i = 0; i < rows; ++i) {
+        const float* row = w + static_cast<std::size_t>(i) * static_cast<std::size_t>(cols);
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int j = 0;
+        for (; j + 8 <= cols; j += 8)
+            for (int u = 0; u < 8; ++u) acc[u] += row[j + u] * x[j + u];
+        float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        for (; j < cols; ++j) s += row[j] * x[j];
+        out[i] = s;
+    }
+}
+
 // In-place softmax with max subtraction (float, like run.c).
 inline void softmax(float* x, int n) {
     float max_val = x[0];
@@ -218,6 +233,9 @@ public:
     const LlamaConfig& config() const { return c_; }
     const LlamaWeights& weights() const { return w_; }
     void set_qkv_observer(QkvObserver observer) { observer_ = std::move(observer); }
+    // Use matvec_fast (8 partial sums) instead of run.c's sequential dot products.
+    void set_fast_matvec(bool on) { fast_matvec_ = on; }
+    bool fast_matvec() const { return fast_matvec_; }
 
     // Logits [vocab_size] for `token` at position `pos`; the backend must already hold 0..pos-1.
     std::vector<float> forward(int token, int pos, AttentionBackend& backend) const {
@@ -226,6 +244,10 @@ public:
         KVQ_CHECK(pos >= 0 && pos < c_.seq_len, "LlamaModel::forward: pos ", pos, " is outside [0, seq_len = ",
                   c_.seq_len, ")");
         const int dim = c_.dim, hid = c_.hidden_dim, kvd = c_.kv_dim();
+        auto matvec = [this](float* o, const float* w, const float* x, int rows, int cols) {
+            if (fast_matvec_) model::matvec_fast(o, w, x, rows, cols);
+            else model::matvec(o, w, x, rows, cols);
+        };
         const float* emb = w_.token_embedding.data() + static_cast<std::size_t>(token) * dim;
         std::vector<float> x(emb, emb + dim);  // residual stream
         std::vector<float> xb(dim), xb2(dim), q(dim), k(kvd), v(kvd), att(dim), hb(hid), hb2(hid);
@@ -317,6 +339,7 @@ private:
     LlamaConfig c_;
     LlamaWeights w_;
     QkvObserver observer_;
+    bool fast_matvec_ = false;
 };
 
 }  // namespace kvq::model

@@ -44,7 +44,7 @@ struct PreparedQuery {
     mutable std::vector<float> scratch;  // per-block work space, reused so scoring never allocates
 };
 
-enum class CodecId : std::uint8_t { Identity = 1, Tokenwise = 2, Qjl = 3 };
+enum class CodecId : std::uint8_t { Identity = 1, Tokenwise = 2, Qjl = 3, Wkv = 4, KiviKey = 5 };
 
 // Runtime-polymorphic so that a cache, kvq-eval and an engine can pick codecs at run time; calls
 // are per block (B tokens), so the virtual dispatch is amortised. Every method with "first" and
@@ -77,6 +77,22 @@ public:
     virtual void accumulate(const std::uint8_t* block, int block_tokens, int first, int n, const float* w,
                             float* acc) const = 0;
     virtual void decode(const std::uint8_t* block, int block_tokens, int first, int n, float* out) const = 0;
+
+    // prepare() for hot loops (decode attention): a codec may trade exactness for speed within a
+    // tolerance it documents (QJL: an int8-quantized projection for the SIMD bit-sliced scorer).
+    // score() accepts either preparation. Default: prepare().
+    virtual void prepare_fast(const float* q, PreparedQuery& pq) const { prepare(q, pq); }
+
+    // GQA: the G query heads that share one KV head, in one pass over the block (codecs override
+    // these to read and expand a block once for all G). out[g] / acc[g] as in score / accumulate.
+    virtual void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens,
+                             int first, int n, float* const* out) const {
+        for (int g = 0; g < G; ++g) score(*pq[g], block, block_tokens, first, n, out[g]);
+    }
+    virtual void accumulate_group(const std::uint8_t* block, int block_tokens, int first, int n, int G,
+                                  const float* const* w, float* const* acc) const {
+        for (int g = 0; g < G; ++g) accumulate(block, block_tokens, first, n, w[g], acc[g]);
+    }
 
     // Exact storage cost: bits per element of a full block, every byte of metadata counted.
     double bits_per_element(int block_tokens) const {

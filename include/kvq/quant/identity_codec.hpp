@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 
 #include "kvq/core/half.hpp"
+#include "kvq/cpu/kernels.hpp"
 #include "kvq/core/validate.hpp"
 #include "kvq/quant/codec.hpp"
 
@@ -51,6 +52,21 @@ public:
             const float* r = row(block, first + i, buf);
             for (int c = 0; c < d_; ++c) acc[c] += w[i] * r[c];
         }
+    }
+    // fp32 storage with SIMD: each key / value row is loaded once for all G query heads.
+    void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
+                     int n, float* const* out) const override {
+        if (type_ != StorageType::F32 || cpu::simd_level() == cpu::SimdLevel::Scalar || G > 8)
+            return Codec::score_group(pq, G, block, block_tokens, first, n, out);
+        const float* q[8];
+        for (int g = 0; g < G; ++g) q[g] = pq[g]->q.data();
+        cpu::f32_dot_group(reinterpret_cast<const float*>(block) + std::size_t(first) * d_, n, d_, G, q, out);
+    }
+    void accumulate_group(const std::uint8_t* block, int block_tokens, int first, int n, int G, const float* const* w,
+                          float* const* acc) const override {
+        if (type_ != StorageType::F32 || cpu::simd_level() == cpu::SimdLevel::Scalar)
+            return Codec::accumulate_group(block, block_tokens, first, n, G, w, acc);
+        cpu::f32_axpy_group(reinterpret_cast<const float*>(block) + std::size_t(first) * d_, n, d_, G, w, acc);
     }
     void decode(const std::uint8_t* block, int, int first, int n, float* out) const override {
         for (int i = 0; i < n; ++i) load(block, first + i, out + std::size_t(i) * d_);

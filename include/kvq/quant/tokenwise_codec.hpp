@@ -24,6 +24,7 @@
 #include "kvq/core/bitpack.hpp"
 #include "kvq/core/half.hpp"
 #include "kvq/core/validate.hpp"
+#include "kvq/cpu/kernels.hpp"
 #include "kvq/quant/codec.hpp"
 
 namespace kvq {
@@ -147,6 +148,63 @@ public:
                 for (int c = g * p_.group; c < (g + 1) * p_.group; ++c) acc[c] += a * codes[c] + b;
             }
         }
+    }
+
+    // AVX-512 (run-time dispatch) for 2, 4 and 8 bits: each token is dequantized once and dotted
+    // with all G queries. Equals score() up to float rounding (per channel code * step + min,
+    // then the dot, instead of step * dot + min * sum q).
+    void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
+                     int n, float* const* out) const override {
+#if KVQ_X86_SIMD
+        if ((p_.bits == 2 || p_.bits == 4 || p_.bits == 8) && p_.group % 16 == 0 && n > 0 &&
+            cpu::simd_level() == cpu::SimdLevel::Avx512) {
+            const BlockLayout l = layout(block_tokens);
+            const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+            const cpu::TwBlockView v{block + l.codes_offset(), static_cast<int>(l.code_bytes), steps,
+                                     steps + std::size_t(block_tokens) * groups_, groups_, p_.group, p_.bits,
+                                     p_.head_dim};
+            thread_local std::vector<float> scratch;
+            scratch.resize(std::size_t(n) * 2 * groups_ + 16);
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                const float* q[8];
+                const int gb = std::min(8, G - g0);
+                for (int g = 0; g < gb; ++g) q[g] = pq[g0 + g]->q.data();
+                cpu::tw_score_group_avx512(v, first, n, gb, q, out + g0, scratch.data());
+            }
+            return;
+        }
+#endif
+        Codec::score_group(pq, G, block, block_tokens, first, n, out);
+    }
+
+    // SIMD (AVX2 / AVX-512, run-time dispatch) for 2, 4 and 8 bits: a block's codes are expanded
+    // once per 8 or 16 channels and FMA'd into all G accumulators; the min term is summed per group
+    // (sum_i w_i min_i) and added once. Same arithmetic as accumulate() up to float rounding
+    // (summation order). Other bit widths, group sizes, or a forced scalar: the generic path.
+    void accumulate_group(const std::uint8_t* block, int block_tokens, int first, int n, int G, const float* const* w,
+                          float* const* acc) const override {
+#if KVQ_X86_SIMD
+        const cpu::SimdLevel lv = cpu::simd_level();
+        const bool bits_ok = p_.bits == 2 || p_.bits == 4 || p_.bits == 8;
+        const bool avx512 = lv == cpu::SimdLevel::Avx512 && p_.group % 16 == 0;
+        const bool avx2 = lv >= cpu::SimdLevel::Avx2 && p_.group % 8 == 0;
+        if (bits_ok && (avx512 || avx2) && n > 0) {
+            const BlockLayout l = layout(block_tokens);
+            const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+            const cpu::TwBlockView v{block + l.codes_offset(), static_cast<int>(l.code_bytes), steps,
+                                     steps + std::size_t(block_tokens) * groups_, groups_, p_.group, p_.bits,
+                                     p_.head_dim};
+            thread_local std::vector<float> scratch;
+            scratch.resize(std::size_t(n) * (4 * groups_ + 8) + 16);
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                const int gb = std::min(8, G - g0);
+                if (avx512) cpu::tw_accum_group_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
+                else cpu::tw_accum_group_avx2(v, first, n, gb, w + g0, acc + g0, scratch.data());
+            }
+            return;
+        }
+#endif
+        Codec::accumulate_group(block, block_tokens, first, n, G, w, acc);
     }
 
     void decode(const std::uint8_t* block, int block_tokens, int first, int n, float* out) const override {
