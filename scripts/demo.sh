@@ -32,8 +32,16 @@ case "${1:-}" in
     *) echo "usage: bash scripts/demo.sh [eval ARGS | llama ARGS]" >&2; exit 2 ;;
 esac
 
-echo "[demo] 1/2 real model: kvq-llama compare (every cache method vs the fp32 cache)" >&2
-build-release/examples/kvq-llama compare
+STORIES="$ROOT/../shared/models/stories260K.bin"
+if [[ -f "$STORIES" ]]; then
+    echo "[demo] 1/3 real model stories260K: kvq-llama compare (every cache method vs the fp32 cache)" >&2
+    build-release/examples/kvq-llama compare --model "$STORIES"
+fi
 echo >&2
-echo "[demo] 2/2 synthetic LLM-like KV workload: kvq-eval" >&2
+echo "[demo] 2/3 real model (SmolLM2-135M when installed by setup.sh, else stories260K): KL vs the fp32 cache" >&2
+for kv in int4 "qjl:m=256" "wkv:bits=4"; do
+    build-release/examples/kvq-llama kl --text examples/data/tinystory.txt --context 512 --kv "$kv"
+done
+echo >&2
+echo "[demo] 3/3 synthetic LLM-like KV workload: kvq-eval" >&2
 build-release/examples/kvq-eval
