@@ -16,19 +16,14 @@
 #include <random>
 
 #include "kvq/kvq.hpp"
+#include "bench_util.hpp"
 #include "kvq/cpu/thread_pool.hpp"
 
 namespace {
 
 constexpr int kD = 128, kM = 256;
 
-std::vector<float> randn(std::size_t n, std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> nd(0, 1);
-    std::vector<float> v(n);
-    for (auto& x : v) x = nd(rng);
-    return v;
-}
+using kvq::bench::randn;
 
 kvq::cpu::ThreadPool& pool(int threads) {
     static kvq::cpu::ThreadPool p1(1), p2(2);

@@ -12,6 +12,7 @@
 #include <random>
 
 #include "kvq/kvq.hpp"
+#include "bench_util.hpp"
 #include "kvq/quant/kivi_codec.hpp"
 #include "kvq/quant/wkv_codec.hpp"
 
@@ -19,13 +20,7 @@ namespace {
 
 constexpr int kD = 128, kB = 64;
 
-std::vector<float> randn(std::size_t n, std::uint64_t seed) {
-    std::mt19937_64 rng(seed);
-    std::normal_distribution<float> nd(0, 1);
-    std::vector<float> v(n);
-    for (auto& x : v) x = nd(rng);
-    return v;
-}
+using kvq::bench::randn;
 
 enum Kind { Fp32 = 0, Wkv4 = 1, Kivi2 = 2, Kivi4 = 3 };
 const char* kNames[] = {"fp32", "wkv4", "kivi2", "kivi4"};

@@ -306,7 +306,9 @@ private:
     void flush(Stream& s, int count, const Codec& codec, BlockPool& pool, BlockPool::Reservation& res) {
         if (count == 0) return;
         const int B = cfg_.block_tokens, d = cfg_.head_dim, H = cfg_.n_kv_heads;
-        std::vector<float> rows(std::size_t(count) * d);
+        // Scratch kept across appends: a decode step flushes one token, and must not allocate for it.
+        std::vector<float>& rows = flush_rows_;
+        rows.resize(std::size_t(count) * d);
         for (int h = 0; h < H; ++h) {
             const float* src = s.window.data() + std::size_t(s.start) * stride() + std::size_t(h) * d;
             for (int t = 0; t < count; ++t) std::copy_n(src + std::size_t(t) * stride(), d, rows.data() + std::size_t(t) * d);
@@ -407,6 +409,7 @@ private:
     std::shared_ptr<const Codec> kc_, vc_;
     std::shared_ptr<BlockPool> kpool_, vpool_;
     std::vector<Layer> layers_;
+    std::vector<float> flush_rows_;  // [count][d] gather buffer of flush(), reused
 };
 
 }  // namespace kvq
