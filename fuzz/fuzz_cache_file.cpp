@@ -106,6 +106,15 @@ int main(int argc, char** argv) {
         kvq::KvCache c({1, 1, 16, 32, {}, {}, true}, qjl_o, int4);
         write_seed(dir, "qjl_outliers", c, 33);
     }
+    {
+        kvq::KvCache c({1, 1, 16, 4, {}, {}, true}, std::make_shared<kvq::WkvCodec>(16, 4),
+                       std::make_shared<kvq::WkvCodec>(16, 2, 8));
+        write_seed(dir, "wkv", c, 5);
+    }
+    {
+        kvq::KvCache c({1, 1, 8, 32, {32, FlushMode::Chunk}, {}, true}, std::make_shared<kvq::KiviKeyCodec>(8, 2), int2);
+        write_seed(dir, "kivi", c, 40);
+    }
     return 0;
 }
 #endif

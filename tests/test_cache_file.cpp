@@ -54,6 +54,12 @@ std::vector<CaseSetup> setups() {
                  qjl(d, 64, 32, 4, kvq::SketchKind::BlockOrthogonal, 0xDEADBEEFCAFEull), tw(d, 2, 32)});
     s.push_back({"qjl_outliers_chunk", {1, 2, d, 64, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
                  qjl(d, 96, 64, 8, kvq::SketchKind::Gaussian, 3), tw(d, 4, 32)});
+    // WKVQuant's dynamic part (the static smoothing is saved separately, in the parameter file).
+    s.push_back({"wkv4", {2, 2, d, 16, {}, {}, true}, std::make_shared<kvq::WkvCodec>(d, 4),
+                 std::make_shared<kvq::WkvCodec>(d, 4, 32)});
+    // KIVI keys (granularity 32: chunk-flushed window) with its per-token 2-bit values.
+    s.push_back({"kivi2", {2, 2, d, 32, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
+                 std::make_shared<kvq::KiviKeyCodec>(d, 2), tw(d, 2, 32)});
     return s;
 }
 
@@ -154,6 +160,137 @@ TEST(CacheFile, RoundTripIsExactForEveryCodecAndPolicy) {
             EXPECT_EQ(kvq::io::save_cache(*b), kvq::io::save_cache(a));
             EXPECT_TRUE(bitwise_equal(attention_of(a, 8), attention_of(*b, 8)));
         }
+}
+
+// Tokens [T][H][d] for keys and values of every layer, appended in uneven steps up to `upto`.
+struct TokenStream {
+    std::vector<std::vector<float>> k, v;  // [layer][T * H * d]
+};
+TokenStream make_stream(const kvq::CacheConfig& cfg, int T, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    TokenStream s;
+    const std::size_t n = std::size_t(T) * cfg.n_kv_heads * cfg.head_dim;
+    for (int l = 0; l < cfg.n_layers; ++l) {
+        s.k.push_back(kvq::test::normal_vector(n, rng));
+        s.v.push_back(kvq::test::normal_vector(n, rng));
+    }
+    return s;
+}
+void append_stream(kvq::KvCache& c, const TokenStream& s, int upto) {
+    const std::size_t row = std::size_t(c.config().n_kv_heads) * c.config().head_dim;
+    for (int l = 0; l < c.config().n_layers; ++l)
+        for (int done = 0, step = 5; done < upto; step = step % 11 + 2) {
+            const int n = std::min(step, upto - done);
+            c.append(l, s.k[l].data() + done * row, s.v[l].data() + done * row, n);
+            done += n;
+        }
+}
+
+TEST(CacheFile, PrefixOfWholePagesEqualsACacheGivenOnlyThoseTokens) {
+    const int d = 64;
+    for (const CaseSetup& s :
+         {CaseSetup{"qjl_outliers_int4", {3, 2, d, 32, {}, {}, true}, qjl(d, 128, 64, 4, kvq::SketchKind::Gaussian, 7),
+                    tw(d, 4, 32)},
+          CaseSetup{"fp16", {2, 2, d, 16, {}, {}, true}, ident(d, kvq::StorageType::F16), ident(d, kvq::StorageType::F16)},
+          CaseSetup{"wkv4", {1, 3, d, 16, {}, {}, false}, std::make_shared<kvq::WkvCodec>(d, 4),
+                    std::make_shared<kvq::WkvCodec>(d, 4)}}) {
+        SCOPED_TRACE(s.name);
+        const TokenStream ts = make_stream(s.cfg, 150, 21);
+        kvq::KvCache full(s.cfg, s.kc, s.vc);
+        append_stream(full, ts, 150);
+        for (int n : {0, s.cfg.block_tokens, 4 * s.cfg.block_tokens}) {
+            SCOPED_TRACE(n);
+            kvq::KvCache only(s.cfg, s.kc, s.vc);
+            append_stream(only, ts, n);
+            const Bytes prefix = kvq::io::save_cache_prefix(full, n);
+            EXPECT_EQ(prefix, kvq::io::save_cache(only));
+            auto loaded = kvq::io::load_cache(prefix);
+            for (int l = 0; l < s.cfg.n_layers; ++l) EXPECT_EQ(loaded->tokens(l), n);
+            // It continues as the original did: appending the rest gives the full cache.
+            kvq::KvCache rest(s.cfg, s.kc, s.vc);
+            kvq::io::load_cache_into(rest, prefix);
+            const std::size_t row = std::size_t(s.cfg.n_kv_heads) * d;
+            for (int l = 0; l < s.cfg.n_layers; ++l)
+                rest.append(l, ts.k[l].data() + n * row, ts.v[l].data() + n * row, 150 - n);
+            EXPECT_TRUE(bitwise_equal(attention_of(rest, 3), attention_of(full, 3)));
+        }
+    }
+}
+
+TEST(CacheFile, PrefixWithWindowsKeepsOnlyEncodedPagesAndAttendsAsTheOriginal) {
+    const int d = 32, B = 16;
+    const kvq::CacheConfig cfg{2, 2, d, B, {20, kvq::FlushMode::Sliding}, {8, kvq::FlushMode::Chunk}, true};
+    kvq::KvCache full(cfg, qjl(d, 64, 0, 0, kvq::SketchKind::BlockOrthogonal, 3), tw(d, 2, 32));
+    append_stream(full, make_stream(cfg, 90, 5), 90);  // keys: 70 encoded (window 20), values 88
+    const Bytes prefix = kvq::io::save_cache_prefix(full, 4 * B);
+    auto p = kvq::io::load_cache(prefix);
+    std::mt19937_64 rng(9);
+    kvq::AttentionWorkspace ws;
+    for (int l = 0; l < 2; ++l) {
+        EXPECT_EQ(p->tokens(l), 4 * B);
+        EXPECT_EQ(p->memory().window_elements, 0u);
+        // Attention over the first 64 tokens of the original equals attention over the prefix.
+        const auto q = kvq::test::normal_vector(std::size_t(4) * d, rng);
+        std::vector<float> o1(4 * d), o2(4 * d), s1(4 * 4 * B), s2(4 * 4 * B);
+        kvq::attend(full, l, q.data(), 4, 4 * B, kvq::ExactTokens{}, 0, o1.data(), ws, s1.data());
+        kvq::attend(*p, l, q.data(), 4, 4 * B, kvq::ExactTokens{}, 0, o2.data(), ws, s2.data());
+        EXPECT_TRUE(bitwise_equal(o1, o2));
+        EXPECT_TRUE(bitwise_equal(s1, s2));
+    }
+    // Tokens still in a window, or a partial page, cannot be saved as a prefix.
+    const auto message_of = [&](int n) {
+        try {
+            kvq::io::save_cache_prefix(full, n);
+        } catch (const kvq::Error& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    EXPECT_NE(message_of(5 * B).find("only 70 encoded tokens"), std::string::npos) << message_of(5 * B);
+    EXPECT_NE(message_of(20).find("not a multiple of block_tokens 16"), std::string::npos) << message_of(20);
+    EXPECT_NE(message_of(-16).find("-16"), std::string::npos);
+}
+
+TEST(CacheFile, NonFiniteStoredFactorsAreRejectedEvenWithValidCrcs) {
+    // One stored fp16 factor per codec set to +inf (0x7C00) / NaN: the reader must refuse the block
+    // instead of building a cache whose attention is NaN.
+    const int d = 32;
+    struct Case {
+        std::string name;
+        kvq::CacheConfig cfg;
+        std::shared_ptr<const kvq::Codec> kc;
+        std::size_t offset_in_block;  // byte offset of a fp16 factor of token 0 (or group 0)
+    };
+    const auto qc = qjl(d, 64, 0, 0, kvq::SketchKind::Gaussian, 1);
+    const auto tc = tw(d, 4, 16);
+    const auto kv = std::make_shared<kvq::KiviKeyCodec>(d, 4);
+    const auto f16 = ident(d, kvq::StorageType::F16);
+    for (const Case& c : {Case{"qjl norm", {1, 1, d, 32, {}, {}, true}, qc, qc->layout(32).token_side_offset()},
+                          Case{"token-wise min", {1, 1, d, 32, {}, {}, true}, tc,
+                               tc->layout(32).token_side_offset() + 2 * 32 * 2},
+                          Case{"kivi step", {1, 1, d, 32, {32, kvq::FlushMode::Chunk}, {}, true}, kv,
+                               kv->layout(32).block_side_offset() + 2},
+                          Case{"fp16 value", {1, 1, d, 32, {}, {}, true}, f16, 6}}) {
+        SCOPED_TRACE(c.name);
+        kvq::KvCache a(c.cfg, c.kc, tw(d, 8, 32));
+        fill(a, 40, 2);
+        const Bytes good = kvq::io::save_cache(a);
+        ASSERT_NO_THROW(kvq::io::load_cache(good));
+        const auto secs = sections(good);
+        for (std::uint16_t bad : {std::uint16_t(0x7C00), std::uint16_t(0xFE01)}) {
+            Bytes b = good;
+            const std::size_t at = secs[2].first + 12 + 4 + c.offset_in_block;
+            b[at] = std::uint8_t(bad & 0xFF);
+            b[at + 1] = std::uint8_t(bad >> 8);
+            kvq::io::detail::refresh_section_crcs(b);
+            try {
+                kvq::io::load_cache(b);
+                ADD_FAILURE() << "accepted a non-finite factor";
+            } catch (const kvq::Error& e) {
+                EXPECT_NE(std::string(e.what()).find("inf or NaN"), std::string::npos) << e.what();
+            }
+        }
+    }
 }
 
 TEST(CacheFile, RoundTripThroughAFileIsAtomicAndLeavesNoTemporaries) {

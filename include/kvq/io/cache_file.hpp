@@ -7,6 +7,8 @@
 //
 //   std::vector<std::uint8_t> save_cache(const KvCache&)
 //   void save_cache_file(const KvCache&, const std::string& path)      atomic: temp + fsync + rename
+//   std::vector<std::uint8_t> save_cache_prefix(const KvCache&, int tokens)   whole pages of a prefix
+//   void save_cache_prefix_file(const KvCache&, int tokens, path)
 //   std::unique_ptr<KvCache> load_cache(bytes [, key_pool, value_pool]) codecs rebuilt from the file
 //   std::unique_ptr<KvCache> load_cache_file(path [, key_pool, value_pool])
 //   void load_cache_into(KvCache& dest, bytes)       file must match dest's config and codecs
@@ -391,9 +393,8 @@ inline int refresh_section_crcs(std::vector<std::uint8_t>& b) {
 
 }  // namespace detail
 
-// The cache as bytes of the format in docs/CACHE_FILE.md.
-inline std::vector<std::uint8_t> save_cache(const KvCache& cache) {
-    const KvCacheState st = cache.state();
+namespace detail {
+inline std::vector<std::uint8_t> serialize(const KvCacheState& st, const Codec& key_codec, const Codec& value_codec) {
     const CacheConfig& cfg = st.config;
     detail::Writer w;
     w.bytes(kCacheFileMagic, 8);
@@ -415,8 +416,8 @@ inline std::vector<std::uint8_t> save_cache(const KvCache& cache) {
     w.u8(cfg.past_only ? 1 : 0);
     w.u32(0);
     w.u32(0);
-    detail::write_codec(w, cache.key_codec(), cfg.block_tokens);
-    detail::write_codec(w, cache.value_codec(), cfg.block_tokens);
+    write_codec(w, key_codec, cfg.block_tokens);
+    write_codec(w, value_codec, cfg.block_tokens);
     w.end(at);
 
     at = w.begin(kTagToks);
@@ -443,6 +444,48 @@ inline std::vector<std::uint8_t> save_cache(const KvCache& cache) {
     at = w.begin(kTagEnd);
     w.end(at);
     return std::move(w.out);
+}
+
+// Keeps the first `pages` pages of every head of a stream ([H][P][block bytes] -> [H][pages][...]).
+inline void keep_pages(KvStreamState& s, int heads, int pages, std::size_t block_bytes) {
+    const std::size_t P = heads == 0 ? 0 : s.blocks.size() / block_bytes / heads;
+    std::vector<std::uint8_t> kept(std::size_t(heads) * pages * block_bytes);
+    for (int h = 0; h < heads; ++h)
+        std::memcpy(kept.data() + std::size_t(h) * pages * block_bytes, s.blocks.data() + h * P * block_bytes,
+                    std::size_t(pages) * block_bytes);
+    s.blocks = std::move(kept);
+    s.window.clear();
+}
+}  // namespace detail
+
+// The cache as bytes of the format in docs/CACHE_FILE.md.
+inline std::vector<std::uint8_t> save_cache(const KvCache& cache) {
+    return detail::serialize(cache.state(), cache.key_codec(), cache.value_codec());
+}
+
+// The first `tokens` tokens of every layer as a cache file (prefix caching: an engine saves the
+// shared prompt's pages once and restores them for every request that starts with it). tokens
+// must be a multiple of block_tokens and already encoded in both streams of every layer (not in a
+// full-precision window), so the prefix is whole pages taken byte for byte; the loaded cache holds
+// exactly those tokens, all in blocks, and continues with appends like any cache. For a cache
+// without windows, save_cache_prefix(c, n) equals save_cache of a cache that was given only the
+// first n tokens.
+inline std::vector<std::uint8_t> save_cache_prefix(const KvCache& cache, int tokens) {
+    KvCacheState st = cache.state();
+    const CacheConfig& cfg = st.config;
+    KVQ_CHECK(tokens >= 0 && tokens % cfg.block_tokens == 0, "cache prefix: ", tokens,
+              " tokens is not a multiple of block_tokens ", cfg.block_tokens);
+    for (std::size_t l = 0; l < st.layers.size(); ++l) {
+        KvLayerState& L = st.layers[l];
+        KVQ_CHECK(tokens <= L.key.encoded && tokens <= L.value.encoded, "cache prefix: ", tokens,
+                  " tokens requested but layer ", l, " has only ", std::min(L.key.encoded, L.value.encoded),
+                  " encoded tokens (", L.tokens, " in all; the rest are in the full-precision window)");
+        const int pages = tokens / cfg.block_tokens;
+        detail::keep_pages(L.key, cfg.n_kv_heads, pages, cache.key_codec().layout(cfg.block_tokens).bytes());
+        detail::keep_pages(L.value, cfg.n_kv_heads, pages, cache.value_codec().layout(cfg.block_tokens).bytes());
+        L.tokens = L.key.encoded = L.value.encoded = tokens;
+    }
+    return detail::serialize(st, cache.key_codec(), cache.value_codec());
 }
 
 // A new cache with the file's config and codecs (rebuilt from their ids and parameters), in the
@@ -530,5 +573,9 @@ inline void write_file_atomic(const std::string& path, const std::vector<std::ui
 }
 
 inline void save_cache_file(const KvCache& cache, const std::string& path) { write_file_atomic(path, save_cache(cache)); }
+
+inline void save_cache_prefix_file(const KvCache& cache, int tokens, const std::string& path) {
+    write_file_atomic(path, save_cache_prefix(cache, tokens));
+}
 
 }  // namespace kvq::io
