@@ -5,7 +5,7 @@
 #   2. build-asan/:  the CPU tests again under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. packaging:    cmake --install into a temporary prefix, then tests/consumer built against it
 #                    (find_package, pkg-config) and through add_subdirectory, and run;
-#   4. build-tsan/:  kvq_tests under ThreadSanitizer, run on the concurrency tests (Concurrency.*);
+#   4. build-tsan/:  the concurrency tests (tests/test_concurrency.cpp) under ThreadSanitizer;
 #   5. build-fuzz/:  with clang++: the libFuzzer targets (fuzz/*.cpp), each run FUZZ_SECONDS on a
 #                    copy of its seed corpus; any crash, leak or sanitizer report fails.
 # On a machine with a GPU (nvidia-smi lists one) the GPU tests run too; KVQ_GPU_TESTS=0/1 forces.
@@ -147,11 +147,11 @@ if [[ "${KVQ_TSAN:-1}" != 0 ]]; then
         -DKVQ_ENABLE_CUDA=OFF -DKVQ_SANITIZE=OFF \
         "-DCMAKE_CXX_FLAGS=-fsanitize=thread -fno-omit-frame-pointer" \
         "-DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread"
-    log "build build-tsan (kvq_tests)"
-    cmake --build build-tsan -j "$JOBS" --target kvq_tests
-    log "kvq_tests --gtest_filter='Concurrency.*' under TSan"
+    log "build build-tsan (kvq_concurrency_tests)"
+    cmake --build build-tsan -j "$JOBS" --target kvq_concurrency_tests
+    log "kvq_concurrency_tests under TSan"
     TSAN_OPTIONS="${TSAN_OPTIONS:-halt_on_error=1:second_deadlock_stack=1}" \
-        build-tsan/tests/kvq_tests --gtest_filter='Concurrency.*'
+        build-tsan/tests/kvq_concurrency_tests
     stage_time tsan
 fi
 
