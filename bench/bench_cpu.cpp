@@ -1,7 +1,7 @@
 // CPU benchmarks: QJL encode and scoring next to the fp32 dot-product baseline, and decode
-// attention (d 128, 8 KV heads, 32 query heads, one decode step) over fp32, int8 and QJL + int2
-// caches on 1 and 2 threads, with a STREAM-like read bandwidth measured in the same run so every
-// row states the fraction of the bandwidth its bytes take (counter bw_frac, against the bandwidth
+// attention (d 128, 8 KV heads, 32 query heads, one decode step) over fp32, int8, QJL + int2
+// and WKV 4-bit caches on 1 and 2 threads, with a STREAM-like read bandwidth measured in the same
+// run so every row states the fraction of the bandwidth its bytes take (counter bw_frac, against the bandwidth
 // of the same thread count, from wall time). Arg "simd": 0 forces the scalar paths
 // (kvq::cpu::set_simd_limit), 1 uses run-time dispatch (AVX2 / AVX-512).
 //   kvq-bench-cpu --benchmark_min_time=0.2 --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -111,7 +111,9 @@ void BM_QjlScores(benchmark::State& st) {
 
 // Caches are built once per (T, method) and shared by the thread / simd variants.
 // method 0 = fp32 identity K and V; 1 = int8 g32 K and V (token-wise); 2 = QJL keys (m 256, no
-// outliers) + int2 g32 values; 3 = QJL keys with 8 outlier channels (m_o 256) + int2 values.
+// outliers) + int2 g32 values; 3 = QJL keys with 8 outlier channels (m_o 256) + int2 values;
+// 4 = WKV 4-bit K and V (WkvCodec, g = d: the blocks attention reads; the static smoothing of
+// WkvKvCache is an O(H d) fold of q and out per step, outside the cache scan).
 kvq::KvCache& cache_for(int T, int method) {
     static std::map<std::pair<int, int>, std::unique_ptr<kvq::KvCache>> caches;
     auto& slot = caches[{T, method}];
@@ -123,6 +125,8 @@ kvq::KvCache& cache_for(int T, int method) {
         kc = vc = std::make_shared<kvq::IdentityCodec>(kD, kvq::StorageType::F32);
     } else if (method == 1) {
         kc = vc = std::make_shared<kvq::TokenwiseCodec>(kvq::TokenwiseParams{kD, 8, 32});
+    } else if (method == 4) {
+        kc = vc = std::make_shared<kvq::WkvCodec>(kD, 4);
     } else {
         kc = qjl(method == 3 ? 8 : 0);
         vc = std::make_shared<kvq::TokenwiseCodec>(kvq::TokenwiseParams{kD, 2, 32});
@@ -172,9 +176,9 @@ BENCHMARK(BM_QjlScores)->ArgsProduct({{32768}, {0, 8}, {0, 1}})->Unit(benchmark:
 BENCHMARK(BM_QjlEncode)->Args({32768, 0})->Args({32768, 8})->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeAttention)
     ->ArgNames({"T", "method", "threads", "simd"})
-    ->ArgsProduct({{4096}, {0, 1, 2, 3}, {1, 2}, {1}})
-    ->ArgsProduct({{32768}, {0, 1, 2, 3}, {1, 2}, {0, 1}})
-    ->ArgsProduct({{131072}, {0, 1, 2, 3}, {1, 2}, {1}})
+    ->ArgsProduct({{4096}, {0, 1, 2, 3, 4}, {1, 2}, {1}})
+    ->ArgsProduct({{32768}, {0, 1, 2, 3, 4}, {1, 2}, {0, 1}})
+    ->ArgsProduct({{131072}, {0, 1, 2, 3, 4}, {1, 2}, {1}})
     ->Unit(benchmark::kMillisecond)
     ->MeasureProcessCPUTime();
 BENCHMARK_MAIN();

@@ -13,6 +13,10 @@
 #include <immintrin.h>
 #define KVQ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
 #define KVQ_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+// AVX-512 plus VNNI (VPDPBUSD): the grouped QJL scorer. Checked separately (has_avx512_vnni()):
+// some AVX-512 CPUs (Skylake-SP) lack VNNI and keep the VPOPCNTQ kernels.
+#define KVQ_TARGET_AVX512VNNI \
+    __attribute__((target("avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni")))
 #else
 #define KVQ_X86_SIMD 0
 #endif
@@ -68,6 +72,20 @@ inline void force_scalar(bool on) { set_simd_limit(on ? SimdLevel::Scalar : Simd
 inline SimdLevel simd_level() {
     const int d = static_cast<int>(detected_simd_level()), c = detail::simd_limit_ref().load(std::memory_order_relaxed);
     return static_cast<SimdLevel>(d < c ? d : c);
+}
+
+// Whether the AVX-512 level may also use VNNI (VPDPBUSD): the hardware has it and the current
+// level is Avx512 (a cap to Avx2 or Scalar turns it off with the rest of AVX-512).
+inline bool has_avx512_vnni() {
+#if KVQ_X86_SIMD
+    static const bool hw = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512vnni") != 0;
+    }();
+    return hw && simd_level() == SimdLevel::Avx512;
+#else
+    return false;
+#endif
 }
 
 // RAII cap, for tests and benchmarks.

@@ -68,6 +68,8 @@ public:
     // S as [sketch_rows()][head_dim] row-major float32: what the CUDA path uploads.
     const std::vector<float>& sketch() const { return sketch_; }
     int outlier_bits() const { return p_.outliers > 0 ? p_.m_outlier : 0; }
+    // S^T [d][sketch_rows()] (what the outlier correction reads); exposed for tests.
+    const float* sketch_t_for_tests() const { return sketch_t_.data(); }
 
     CodecId id() const override { return CodecId::Qjl; }
     std::string name() const override {
@@ -155,8 +157,19 @@ public:
     void prepare(const float* q, PreparedQuery& pq) const override { prepare_impl(q, pq, false); }
     // Decode attention's preparation: with no outliers and an AVX2 / AVX-512 CPU, the bit-sliced
     // int8 query below (tolerance stated there); otherwise the same as prepare().
+    // With outliers and AVX-512 VNNI: the exact preparation (S q) plus a 4-float marker; scoring
+    // then quantizes the per-group inlier / outlier projections to int8 (step s_I = max|p_I| / 127,
+    // s_O likewise) and scores both sketches with the VNNI group kernel. Tolerance as for the
+    // no-outlier path, per part: |est_fast - est_exact| <= sqrt(pi/2)/m * ||k_I|| * m s_I / 2 +
+    // sqrt(pi/2)/m_o * ||k_O|| * m_o s_O / 2 (+ float rounding).
     void prepare_fast(const float* q, PreparedQuery& pq) const override {
         prepare_impl(q, pq, p_.outliers == 0 && bitsliced_supported());
+        if (p_.outliers > 0 && cpu::has_avx512_vnni()) {
+            pq.data.resize(std::size_t(rows_) + 4);
+            float* hdr = pq.data.data() + rows_;
+            hdr[0] = kOutlierFastMarker;
+            hdr[1] = hdr[2] = hdr[3] = 0;
+        }
     }
 
     void prepare_impl(const float* q, PreparedQuery& pq, bool fast) const {
@@ -172,29 +185,23 @@ public:
             // bit planes; a key costs 8 AND + popcount per 64 bits. |error| per projection <= s/2,
             // so |est_simd - est_scalar| <= sqrt(pi/2)/m * ||k|| * (m s / 2) (+ float rounding);
             // in practice the error is ~sqrt(m/12) s, about 1% of the estimator's own deviation.
-            // pq.data = [S q (rows)][s, sum_j u_j, words, 0][planes: 8 x words uint64].
+            // pq.data = [S q (rows)][s, sum_j u_j, words, 0][planes: 8 x words uint64]
+            //           [u: 64 * words int8 bytes] (the bytes feed the VNNI group scorer).
             const int words = p_.m / 64;
-            pq.data.resize(std::size_t(rows_) + 4 + 16 * std::size_t(words));
+            pq.data.resize(fast_size());
             const float* pj = pq.data.data();
-            float amax = 0;
-            for (int j = 0; j < p_.m; ++j) amax = std::max(amax, std::fabs(pj[j]));
-            const float sc = amax > 0 ? amax / 127.0f : 0.0f;
-            std::uint64_t planes[8 * 16] = {};
-            std::int64_t usum = 0;
-            for (int j = 0; j < p_.m; ++j) {
-                int u = sc > 0 ? static_cast<int>(std::lrint(pj[j] / sc)) : 0;
-                u = std::clamp(u, -127, 127);
-                usum += u;
-                const unsigned bits = static_cast<unsigned>(u) & 0xFFu;
-                for (int k = 0; k < 8; ++k)
-                    if ((bits >> k) & 1u) planes[k * words + j / 64] |= std::uint64_t{1} << (j % 64);
-            }
+            alignas(64) std::int8_t u8[1024];
+            std::int32_t usum = 0;
+            const float sc = cpu::quantize_i8(pj, p_.m, u8, &usum);
+            std::uint64_t planes[8 * 16];
+            cpu::qjl_planes_from_i8(u8, words, planes);
             float* hdr = pq.data.data() + rows_;
             hdr[0] = sc;
             hdr[1] = static_cast<float>(usum);  // |usum| <= 127 * 1024: exact in float
             hdr[2] = static_cast<float>(words);
             hdr[3] = 0;
             std::memcpy(hdr + 4, planes, 8 * std::size_t(words) * sizeof(std::uint64_t));
+            std::memcpy(hdr + 4 + 16 * words, u8, 64 * std::size_t(words));
             return;
         }
         if (p_.outliers == 0) {
@@ -253,6 +260,12 @@ public:
             }
             return;
         }
+#if KVQ_X86_SIMD
+        if (outlier_fast(pq) && cpu::has_avx512_vnni()) {
+            const PreparedQuery* one = &pq;
+            return score_outliers_vnni(&one, 1, block, block_tokens, first, n, &out);
+        }
+#endif
         const int mo = p_.m_outlier;
         const float c_out = static_cast<float>(std::sqrt(kHalfPi) / mo);
         pq.scratch.resize(std::size_t(p_.m) + rows_);
@@ -280,6 +293,22 @@ public:
         }
     }
 
+    // GQA: with AVX-512 VNNI and fast-prepared queries (prepare_fast), 4 query heads per pass over
+    // the codes (cpu::qjl_score4_vnni_t); results equal score() per head bitwise for keys without
+    // outliers (integer sums, same float formula). Otherwise one score() per head.
+    void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
+                     int n, float* const* out) const override {
+#if KVQ_X86_SIMD
+        if (n > 0 && G > 0 && G <= 64 && cpu::has_avx512_vnni()) {
+            bool fast = true;
+            for (int g = 0; g < G && fast; ++g) fast = p_.outliers == 0 ? bitsliced_fast(*pq[g]) : outlier_fast(*pq[g]);
+            if (fast && p_.outliers == 0) return score_vnni(pq, G, block, block_tokens, first, n, out);
+            if (fast) return score_outliers_vnni(pq, G, block, block_tokens, first, n, out);
+        }
+#endif
+        Codec::score_group(pq, G, block, block_tokens, first, n, out);
+    }
+
     void accumulate(const std::uint8_t*, int, int, int, const float*, float*) const override {
         KVQ_THROW("QJL codes are sign sketches of keys and cannot be used as values");
     }
@@ -298,6 +327,105 @@ public:
     }
 
 private:
+    // Marker of prepare_fast() with outliers (a value S q cannot hold there: it sits after S q).
+    static constexpr float kOutlierFastMarker = 1.5e38f;
+    std::size_t fast_size() const { return std::size_t(rows_) + 4 + 32 * std::size_t(p_.m / 64); }
+    bool bitsliced_fast(const PreparedQuery& pq) const {
+        return p_.outliers == 0 && p_.m % 64 == 0 && pq.data.size() == fast_size();
+    }
+    bool outlier_fast(const PreparedQuery& pq) const {
+        return p_.outliers > 0 && pq.data.size() == std::size_t(rows_) + 4 && pq.data[rows_] == kOutlierFastMarker;
+    }
+
+#if KVQ_X86_SIMD
+    // Heads in fours; a missing head of the last four repeats head G-1 into a throw-away buffer.
+    void score_vnni(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
+                    int n, float* const* out) const {
+        const BlockLayout l = layout(block_tokens);
+        const half_t* norm_in = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const float c_in = static_cast<float>(std::sqrt(kHalfPi) / p_.m);
+        const int words = p_.m / 64;
+        thread_local std::vector<float> dummy;
+        if (G % 4) dummy.resize(std::size_t(n));
+        for (int g0 = 0; g0 < G; g0 += 4) {
+            const std::int8_t* u[4];
+            float cs[4];
+            std::int32_t us[4];
+            float* o[4];
+            for (int j = 0; j < 4; ++j) {
+                const int g = std::min(g0 + j, G - 1);
+                const float* hdr = pq[g]->data.data() + rows_;
+                u[j] = reinterpret_cast<const std::int8_t*>(hdr + 4 + 16 * words);
+                cs[j] = c_in * hdr[0];
+                us[j] = static_cast<std::int32_t>(hdr[1]);
+                o[j] = g0 + j < G ? out[g0 + j] : dummy.data();
+            }
+            cpu::qjl_score4_vnni(block + l.codes_offset() + std::size_t(first) * l.code_bytes, l.code_bytes, n, words,
+                                 u, norm_in + first, cs, us, o);
+        }
+    }
+
+    // Outliers: per 32-token group and head, the inlier / outlier projections (S q minus / plus the
+    // outlier columns' part) are quantized to int8 and both sketches scored by the VNNI kernel.
+    void score_outliers_vnni(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens,
+                             int first, int n, float* const* out) const {
+        const BlockLayout l = layout(block_tokens);
+        const std::uint8_t* codes = block + l.codes_offset();
+        const half_t* norm_in = reinterpret_cast<const half_t*>(block + l.token_side_offset());
+        const half_t* norm_out = norm_in + block_tokens;
+        const std::uint8_t* ids = block + l.block_side_offset();
+        const float c_in = static_cast<float>(std::sqrt(kHalfPi) / p_.m);
+        const float c_out = static_cast<float>(std::sqrt(kHalfPi) / p_.m_outlier);
+        const int w_in = (p_.m + 63) / 64, w_out = (p_.m_outlier + 63) / 64;
+        const int Gp = (G + 3) / 4 * 4;
+        // Per head: int8 inlier query [64 w_in], int8 outlier query [64 w_out]; then float work.
+        thread_local std::vector<std::int8_t> qbytes;
+        thread_local std::vector<float> work;
+        qbytes.resize(std::size_t(Gp) * 64 * (w_in + w_out));
+        work.resize(2 * std::size_t(rows_) + std::size_t(kGroup) * 5);
+        float* p_in = work.data();
+        float* p_out = p_in + rows_;
+        float* tmp = p_out + rows_;  // [4][32] outlier-part scores, then [32] throw-away
+        float cs_in[64], cs_out[64];
+        std::int32_t us_in[64], us_out[64];
+        for (int g0 = first / kGroup * kGroup; g0 < first + n; g0 += kGroup) {
+            const int a = std::max(first, g0), b = std::min(first + n, g0 + kGroup);
+            const std::uint8_t* gid = ids + g0 / kGroup * p_.outliers;
+            for (int g = 0; g < G; ++g) {
+                cpu::qjl_outlier_proj(sketch_t_.data(), rows_, gid, p_.outliers, pq[g]->q.data(), pq[g]->data.data(),
+                                      p_.m, p_in, p_out);
+                std::int8_t* ui = qbytes.data() + std::size_t(g) * 64 * (w_in + w_out);
+                cs_in[g] = c_in * cpu::quantize_i8(p_in, p_.m, ui, &us_in[g]);
+                cs_out[g] = c_out * cpu::quantize_i8(p_out, p_.m_outlier, ui + 64 * w_in, &us_out[g]);
+            }
+            for (int g0h = 0; g0h < G; g0h += 4) {
+                const std::int8_t* ui[4];
+                const std::int8_t* uo[4];
+                float ci[4], co[4];
+                std::int32_t si[4], so[4];
+                float* oi[4];
+                float* oo[4];
+                for (int j = 0; j < 4; ++j) {
+                    const int g = std::min(g0h + j, G - 1);
+                    ui[j] = qbytes.data() + std::size_t(g) * 64 * (w_in + w_out);
+                    uo[j] = ui[j] + 64 * w_in;
+                    ci[j] = cs_in[g];
+                    co[j] = cs_out[g];
+                    si[j] = us_in[g];
+                    so[j] = us_out[g];
+                    oi[j] = g0h + j < G ? out[g0h + j] + (a - first) : tmp + 4 * kGroup;
+                    oo[j] = tmp + j * kGroup;
+                }
+                const std::uint8_t* c0 = codes + std::size_t(a) * l.code_bytes;
+                cpu::qjl_score4_vnni(c0, l.code_bytes, b - a, w_in, ui, norm_in + a, ci, si, oi);
+                cpu::qjl_score4_vnni(c0 + p_.m / 8, l.code_bytes, b - a, w_out, uo, norm_out + a, co, so, oo);
+                for (int j = 0; j < 4 && g0h + j < G; ++j)
+                    for (int i = 0; i < b - a; ++i) oi[j][i] += oo[j][i];
+            }
+        }
+    }
+#endif
+
     static void bitsliced(const std::uint8_t* codes, int n, int words, const std::uint64_t* planes, std::int64_t* T) {
 #if KVQ_X86_SIMD
         const cpu::SimdLevel lv = cpu::simd_level();

@@ -150,14 +150,16 @@ public:
         }
     }
 
-    // AVX-512 (run-time dispatch) for 2, 4 and 8 bits: each token is dequantized once and dotted
+    // AVX-512 / AVX2 (run-time dispatch) for 2, 4 and 8 bits: each token is dequantized once and dotted
     // with all G queries. Equals score() up to float rounding (per channel code * step + min,
     // then the dot, instead of step * dot + min * sum q).
     void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
                      int n, float* const* out) const override {
 #if KVQ_X86_SIMD
-        if ((p_.bits == 2 || p_.bits == 4 || p_.bits == 8) && p_.group % 16 == 0 && n > 0 &&
-            cpu::simd_level() == cpu::SimdLevel::Avx512) {
+        const cpu::SimdLevel lv = cpu::simd_level();
+        const bool avx512 = lv == cpu::SimdLevel::Avx512 && p_.group % 16 == 0;
+        const bool avx2 = lv >= cpu::SimdLevel::Avx2 && p_.group % 8 == 0;
+        if ((p_.bits == 2 || p_.bits == 4 || p_.bits == 8) && (avx512 || avx2) && n > 0) {
             const BlockLayout l = layout(block_tokens);
             const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
             const cpu::TwBlockView v{block + l.codes_offset(), static_cast<int>(l.code_bytes), steps,
@@ -169,7 +171,8 @@ public:
                 const float* q[8];
                 const int gb = std::min(8, G - g0);
                 for (int g = 0; g < gb; ++g) q[g] = pq[g0 + g]->q.data();
-                cpu::tw_score_group_avx512(v, first, n, gb, q, out + g0, scratch.data());
+                if (avx512) cpu::tw_score_group_avx512(v, first, n, gb, q, out + g0, scratch.data());
+                else cpu::tw_score_group_avx2(v, first, n, gb, q, out + g0, scratch.data());
             }
             return;
         }
@@ -195,10 +198,14 @@ public:
                                      steps + std::size_t(block_tokens) * groups_, groups_, p_.group, p_.bits,
                                      p_.head_dim};
             thread_local std::vector<float> scratch;
-            scratch.resize(std::size_t(n) * (4 * groups_ + 8) + 16);
+            scratch.resize(std::size_t(n) * std::max(4 * groups_ + 8, 10 * groups_) + 32);
             for (int g0 = 0; g0 < G; g0 += 8) {
                 const int gb = std::min(8, G - g0);
-                if (avx512) cpu::tw_accum_group_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
+                // Register-blocked kernel where it applies (accumulators stay in registers over the
+                // token range), else the per-16-channel kernel.
+                if (avx512 && cpu::tw_accum_rb_supported(v, gb))
+                    cpu::tw_accum_group_rb_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
+                else if (avx512) cpu::tw_accum_group_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
                 else cpu::tw_accum_group_avx2(v, first, n, gb, w + g0, acc + g0, scratch.data());
             }
             return;
