@@ -2,7 +2,7 @@
 // (kvq::cuda::launch_decode_attention) against its memory floor and against a straightforward fp16
 // split-K decode attention kernel written here (not cuBLAS): fp16 K and V [batch][H][T][d], one
 // warp per 8-token step with fp32 online softmax, the same combine kernel as the fused path.
-//   kvq-bench-gpu-decode [--runs N]
+//   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B]   (filters for profiling; default all)
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -225,11 +225,13 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    int runs = 30;
+    int runs = 30, only_tokens = 0, only_batch = 0;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc) runs = std::max(1, std::atoi(argv[++i]));
+        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc) only_tokens = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) only_batch = std::atoi(argv[++i]);
         else {
-            std::fprintf(stderr, "usage: %s [--runs N]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B]\n", argv[0]);
             return 2;
         }
     }
@@ -256,6 +258,22 @@ int main(int argc, char** argv) {
     qp.outliers = 0;
     const kvq::QjlKeyCodec qjl(qp);
     const kvq::TokenwiseCodec int2v(kvq::TokenwiseParams{d, 2, 32}), int4(kvq::TokenwiseParams{d, 4, 32});
+    // WKVQuant K and V: 4-bit token-wise g = d on smoothed vectors; the smoothing is folded into the
+    // query (k_scale) and the output (v_scale, v_shift) by the kernel.
+    const kvq::TokenwiseCodec wkv4(kvq::TokenwiseParams{d, 4, d});
+    std::vector<float> ksc(std::size_t(H) * d), vsc(ksc.size()), vsh(ksc.size());
+    for (std::size_t i = 0; i < ksc.size(); ++i) {
+        ksc[i] = 0.5f + 0.01f * float(i % 97);
+        vsc[i] = 0.7f + 0.01f * float(i % 53);
+        vsh[i] = 0.001f * float(i % 31) - 0.01f;
+    }
+    float *d_ksc, *d_vsc, *d_vsh;
+    KVQ_CUDA_CHECK(cudaMalloc(&d_ksc, ksc.size() * 4));
+    KVQ_CUDA_CHECK(cudaMalloc(&d_vsc, ksc.size() * 4));
+    KVQ_CUDA_CHECK(cudaMalloc(&d_vsh, ksc.size() * 4));
+    KVQ_CUDA_CHECK(cudaMemcpy(d_ksc, ksc.data(), ksc.size() * 4, cudaMemcpyHostToDevice));
+    KVQ_CUDA_CHECK(cudaMemcpy(d_vsc, vsc.data(), ksc.size() * 4, cudaMemcpyHostToDevice));
+    KVQ_CUDA_CHECK(cudaMemcpy(d_vsh, vsh.data(), ksc.size() * 4, cudaMemcpyHostToDevice));
     float* d_sketch;
     KVQ_CUDA_CHECK(cudaMalloc(&d_sketch, qjl.sketch().size() * 4));
     KVQ_CUDA_CHECK(cudaMemcpy(d_sketch, qjl.sketch().data(), qjl.sketch().size() * 4, cudaMemcpyHostToDevice));
@@ -276,15 +294,16 @@ int main(int argc, char** argv) {
         return dp;
     };
 
-    for (int cfg = 0; cfg < 2; ++cfg) {
-        const kvq::Codec& kc = cfg == 0 ? static_cast<const kvq::Codec&>(qjl) : int4;
-        const kvq::TokenwiseCodec& vc = cfg == 0 ? int2v : int4;
-        const std::string name = cfg == 0 ? "QJL m=256 K + int2 V" : "int4 K + int4 V";
+    for (int cfg = 0; cfg < 3; ++cfg) {
+        const kvq::Codec& kc = cfg == 0 ? static_cast<const kvq::Codec&>(qjl) : (cfg == 1 ? int4 : wkv4);
+        const kvq::TokenwiseCodec& vc = cfg == 0 ? int2v : (cfg == 1 ? int4 : wkv4);
+        const std::string name = cfg == 0 ? "QJL m=256 K + int2 V" : (cfg == 1 ? "int4 K + int4 V" : "WKV int4 g128 K + V");
         std::uint8_t* kproto = make_proto(kc);
         std::uint8_t* vproto = make_proto(vc);
         const std::size_t kbb = kc.layout(B).bytes(), vbb = vc.layout(B).bytes();
         for (int batch : {1, 8})
             for (int T : {4096, 16384, 65536}) {
+                if ((only_tokens > 0 && T != only_tokens) || (only_batch > 0 && batch != only_batch)) continue;
                 const int pages = T / B;
                 const std::size_t n_blocks = std::size_t(batch) * H * pages;
                 std::vector<int> lens(batch, T);
@@ -307,8 +326,13 @@ int main(int argc, char** argv) {
                 if (cfg == 0) {
                     kvq::cuda::set_qjl_keys(a, qjl, B);
                     a.sketch = d_sketch;
-                } else {
+                } else if (cfg == 1) {
                     kvq::cuda::set_tokenwise_keys(a, int4, B);
+                } else {
+                    kvq::cuda::set_tokenwise_keys(a, wkv4, B);
+                    a.k_scale = d_ksc;
+                    a.v_scale = d_vsc;
+                    a.v_shift = d_vsh;
                 }
                 kvq::cuda::set_tokenwise_values(a, vc, B);
                 a.page_stride = pages;
@@ -438,6 +462,9 @@ int main(int argc, char** argv) {
         KVQ_CUDA_CHECK(cudaFree(vproto));
     }
     KVQ_CUDA_CHECK(cudaFree(d_sketch));
+    KVQ_CUDA_CHECK(cudaFree(d_ksc));
+    KVQ_CUDA_CHECK(cudaFree(d_vsc));
+    KVQ_CUDA_CHECK(cudaFree(d_vsh));
 
     std::printf("\nFused decode attention, H_q = H_kv = %d, d = %d, B = %d, fp32 q/out; median of %d runs; copy %.0f GB/s\n",
                 H, d, B, runs, copy_gbs);

@@ -65,6 +65,7 @@ struct DecCase {
     bool cur = true;
     int chunk = 0;
     bool graph = false;
+    bool wkv = false;  // WKVQuant smoothing: k_scale folded into q, output un-smoothed (v_scale, v_shift)
 };
 
 std::string describe(const DecCase& c) {
@@ -73,7 +74,7 @@ std::string describe(const DecCase& c) {
                     " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
                     " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
                     " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
-                    (c.graph ? " graph" : "") + " lens=";
+                    (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -112,6 +113,21 @@ void run_case(const DecCase& c) {
     std::vector<std::unique_ptr<kvq::KvCache>> caches;
     std::vector<float> q(std::size_t(batch) * Hq * d), ck(std::size_t(batch) * H * d), cv(ck.size());
     for (auto& v : q) v = 0.4f * nd(rng);
+    // WKV: the cache holds smoothed vectors; the reference folds q' = q (.) s_K on the host and
+    // un-smooths the output, as kvq::WkvKvCache::decode_step does; the GPU gets the raw q.
+    std::vector<float> ksc(std::size_t(H) * d, 1.f), vsc(ksc.size(), 1.f), vsh(ksc.size(), 0.f);
+    if (c.wkv) {
+        std::uniform_real_distribution<float> ud(0.5f, 2.f);
+        for (auto& v : ksc) v = ud(rng);
+        for (auto& v : vsc) v = ud(rng);
+        for (auto& v : vsh) v = 0.3f * nd(rng);
+    }
+    std::vector<float> qref(q);
+    if (c.wkv)
+        for (std::size_t i = 0; i < q.size(); ++i) {
+            const std::size_t hq = (i / d) % Hq, ch = i % d;
+            qref[i] = q[i] * ksc[(hq / c.group) * d + ch];
+        }
     for (auto& v : ck) v = nd(rng);
     for (auto& v : cv) v = nd(rng);
     for (int b = 0; b < batch; ++b) {
@@ -139,7 +155,7 @@ void run_case(const DecCase& c) {
         const int T = c.lens[b];
         if (T + (c.cur ? 1 : 0) == 0) continue;
         kvq::ExactTokens ex{&ck[std::size_t(b) * H * d], &cv[std::size_t(b) * H * d], 1};
-        kvq::attend(*caches[b], 0, &q[std::size_t(b) * Hq * d], Hq, T, c.cur ? ex : kvq::ExactTokens{}, c.cur ? 1 : 0,
+        kvq::attend(*caches[b], 0, &qref[std::size_t(b) * Hq * d], Hq, T, c.cur ? ex : kvq::ExactTokens{}, c.cur ? 1 : 0,
                     &ref[std::size_t(b) * Hq * d], ws);
         if (c.qjl) continue;
         // float64 attention over decoded keys/values (int keys only).
@@ -158,7 +174,7 @@ void run_case(const DecCase& c) {
             for (int p = 0; p < total; ++p) {
                 row_of(ks, *kc, p, &ck[(std::size_t(b) * H + h) * d], krow);
                 double dd = 0;
-                for (int ch = 0; ch < d; ++ch) dd += double(q[(std::size_t(b) * Hq + hq) * d + ch]) * krow[ch];
+                for (int ch = 0; ch < d; ++ch) dd += double(qref[(std::size_t(b) * Hq + hq) * d + ch]) * krow[ch];
                 s[p] = dd / std::sqrt(double(d));
                 mx = std::max(mx, s[p]);
             }
@@ -172,6 +188,12 @@ void run_case(const DecCase& c) {
             for (int ch = 0; ch < d; ++ch) ref64[(std::size_t(b) * Hq + hq) * d + ch] = acc[ch] / sum;
         }
     }
+    if (c.wkv)
+        for (std::size_t i = 0; i < ref.size(); ++i) {
+            const std::size_t hq = (i / d) % Hq, ch = i % d, kc_i = (hq / c.group) * d + ch;
+            ref[i] = ref[i] * vsc[kc_i] + vsh[kc_i];
+            ref64[i] = ref64[i] * vsc[kc_i] + vsh[kc_i];
+        }
 
     // Device pools: every used block of every sequence at a shuffled id, garbage blocks between.
     auto build_pool = [&](bool keys, std::size_t block_bytes, std::vector<std::uint8_t>& pool,
@@ -233,6 +255,7 @@ void run_case(const DecCase& c) {
     DevBuf<std::uint32_t> d_kpages(kpages), d_vpages(vpages);
     DevBuf<float> d_kwin(kwin), d_vwin(vwin), d_q(q), d_ck(ck), d_cv(cv);
     DevBuf<int> d_ntok(n_tok), d_kenc(k_enc), d_venc(v_enc);
+    DevBuf<float> d_ksc(ksc), d_vsc(vsc), d_vsh(vsh);
     std::vector<const float*> kwp, vwp;
     for (int b = 0; b < batch; ++b) {
         kwp.push_back(d_kwin.p + koff[b]);
@@ -275,6 +298,11 @@ void run_case(const DecCase& c) {
     a.query = d_q.p;
     a.out = d_out.p;
     a.chunk_tokens = c.chunk;
+    if (c.wkv) {
+        a.k_scale = d_ksc.p;
+        a.v_scale = d_vsc.p;
+        a.v_shift = d_vsh.p;
+    }
     const auto ok = kvq::cuda::can_implement(a);
     ASSERT_TRUE(ok.ok) << ok.message;
     const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
@@ -402,6 +430,23 @@ TEST(DecodeAttentionGpu, SplitKChunksAndEmptySequences) {
     q.lens = {5, 0, 300};  // a sequence with nothing to attend: output 0
     q.chunk = 0;
     run_case(q);
+}
+
+// WKVQuant 4-bit K and V (token-wise, g = d) with the static smoothing folded into q and the output.
+TEST(DecodeAttentionGpu, WkvKeysAndValuesMatchCpuAndFloat64) {
+    for (int d : {64, 128, 256})
+        for (int group : {1, 4}) {
+            DecCase c = int_case(d, 4, 4, group, {1500, 257, 9});
+            c.kgroup = d;
+            c.vgroup = d;
+            c.wkv = true;
+            run_case(c);
+        }
+    DecCase c = int_case(128, 4, 4, 1, {700, 33, 2100});
+    c.kgroup = c.vgroup = 128;
+    c.wkv = true;
+    c.graph = true;
+    run_case(c);
 }
 
 TEST(DecodeAttentionGpu, CapturesInAGraph) {

@@ -1,7 +1,9 @@
 #pragma once
 // Fused decode attention on the GPU over paged quantized blocks: one query token per query head,
 // a batch of sequences, each with its own length, page tables and full-precision window, reading
-// exactly the bytes the CPU codecs write (kvq::QjlKeyCodec without outliers, kvq::TokenwiseCodec).
+// exactly the bytes the CPU codecs write (kvq::QjlKeyCodec without outliers, kvq::TokenwiseCodec,
+// kvq::WkvCodec with its static smoothing folded into the query and the output: k_scale, v_scale,
+// v_shift).
 // Semantics are those of kvq::attend (cache/attention.hpp): scores q.k / sqrt(d), fp32 softmax
 // with max subtraction over [encoded blocks | window | optional exact current token], output the
 // probability-weighted sum of the values (dequantized from their blocks, or the window's fp32 rows).
@@ -81,6 +83,14 @@ struct DecodeAttentionArgs {
 
     const float* query = nullptr;  // device [batch][n_q_heads][d] fp32
     float* out = nullptr;          // device [batch][n_q_heads][d] fp32
+
+    // WKVQuant static smoothing (kvq::WkvKvCache): every cached key/value (blocks, windows, current
+    // token) is in smoothed coordinates x~ = (x - shift) / scale. Keys: the query is folded,
+    // q' = q (.) k_scale (token-wise keys only; the constant <q, k_shift> cancels in softmax).
+    // Values: out = out~ (.) v_scale + v_shift. Device [n_kv_heads][head_dim] each, or null.
+    const float* k_scale = nullptr;
+    const float* v_scale = nullptr;
+    const float* v_shift = nullptr;
 
     int chunk_tokens = 0;  // split-K chunk (multiple of 256); 0 -> chosen from the shape
 };
@@ -286,7 +296,9 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
             continue;
         }
         __syncthreads();
-        for (int i = tid; i < GT * d; i += kDecThreads) qs[i] = a.query[head_base * d + i];
+        for (int i = tid; i < GT * d; i += kDecThreads)
+            qs[i] = a.k_scale != nullptr ? a.query[head_base * d + i] * __ldg(a.k_scale + std::size_t(kv) * d + i % d)
+                                         : a.query[head_base * d + i];
         if constexpr (KF == KeyFormat::Qjl) {
             for (int e = tid; e < GT * ntab; e += kDecThreads) {
                 const int hh = e / ntab, k = e % ntab;
@@ -305,11 +317,14 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
             __syncthreads();
         }
 
-        float m_run[GT], l_run[GT], acc[GT][CPT];
+        // acc: probability-weighted codes (times step); macc: probability-weighted minimum of this
+        // thread's value group: sum_p w_p (c_p st_p + mn_p) = sum_p (w_p st_p) c_p + sum_p w_p mn_p.
+        float m_run[GT], l_run[GT], acc[GT][CPT], macc[GT];
 #pragma unroll
         for (int i = 0; i < GT; ++i) {
             m_run[i] = -INFINITY;
             l_run[i] = 0.f;
+            macc[i] = 0.f;
 #pragma unroll
             for (int j = 0; j < CPT; ++j) acc[i][j] = 0.f;
         }
@@ -418,6 +433,7 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
                     const float corr = expf(m_run[i] - m_new[i]);  // 0 on the first tile (m_run = -inf)
                     l_run[i] = l_run[i] * corr + sum;
                     m_run[i] = m_new[i];
+                    macc[i] *= corr;
 #pragma unroll
                     for (int j = 0; j < CPT; ++j) acc[i][j] *= corr;
                 }
@@ -434,13 +450,14 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
             }
             // 4. Values: this thread's CPT channels of positions slot, slot + NT, ...
             constexpr int SU = CPT / 8;  // 8-code units per thread
+            constexpr int PB = VBITS == 2 ? 8 : 4;  // positions whose loads are issued together
             if (t0 + tn <= v_enc) {
-                // Whole tile in value blocks: loads of 4 positions issued before their arithmetic.
-                for (int tt0 = slot; tt0 < tn; tt0 += 4 * NT) {
-                    typename DecUnit<VBITS>::type raw[4][SU];
-                    float st[4], mn[4];
+                // Whole tile in value blocks: loads of PB positions issued before their arithmetic.
+                for (int tt0 = slot; tt0 < tn; tt0 += PB * NT) {
+                    typename DecUnit<VBITS>::type raw[PB][SU];
+                    float st[PB], mn[PB];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
+                    for (int k = 0; k < PB; ++k) {
                         const int tt = tt0 + k * NT;
                         const int p = t0 + (tt < tn ? tt : tt0);
                         const int t = p & (VB - 1);
@@ -453,22 +470,24 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
                         mn[k] = dec_half(side, std::size_t(VB) * vng + std::size_t(t) * vng + vgrp);
                     }
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
+                    for (int k = 0; k < PB; ++k) {
                         const int tt = tt0 + k * NT;
                         if (tt < tn) {
-                            float pr[GT];
+                            float pst[GT];
 #pragma unroll
-                            for (int i = 0; i < GT; ++i) pr[i] = ps[i * kDecTile + tt];
+                            for (int i = 0; i < GT; ++i) {
+                                const float pr = ps[i * kDecTile + tt];
+                                pst[i] = pr * st[k];
+                                macc[i] = fmaf(pr, mn[k], macc[i]);
+                            }
 #pragma unroll
                             for (int su = 0; su < SU; ++su) {
                                 float v[8];
                                 dec_expand<VBITS>(raw[k][su], v);
 #pragma unroll
-                                for (int j = 0; j < 8; ++j) {
-                                    const float x = fmaf(v[j], st[k], mn[k]);
+                                for (int j = 0; j < 8; ++j)
 #pragma unroll
-                                    for (int i = 0; i < GT; ++i) acc[i][su * 8 + j] = fmaf(pr[i], x, acc[i][su * 8 + j]);
-                                }
+                                    for (int i = 0; i < GT; ++i) acc[i][su * 8 + j] = fmaf(pst[i], v[j], acc[i][su * 8 + j]);
                             }
                         }
                     }
@@ -511,7 +530,7 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
 #pragma unroll
         for (int i = 0; i < GT; ++i) {
 #pragma unroll
-            for (int j = 0; j < CPT; ++j) accbuf[slot * d + unit * CPT + j] = acc[i][j];
+            for (int j = 0; j < CPT; ++j) accbuf[slot * d + unit * CPT + j] = acc[i][j] + macc[i];
             __syncthreads();
             for (int ch = tid; ch < d; ch += kDecThreads) {
                 float s = 0.f;
@@ -542,7 +561,14 @@ __global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_ch
         L = fmaf(e, part_ml[(head * n_chunks + i) * 2 + 1], L);
         o = fmaf(e, part_acc[(head * n_chunks + i) * d + ch], o);
     }
-    if (ch < d) a.out[head * d + ch] = L > 0.f ? o / L : 0.f;
+    if (ch < d) {
+        float r = L > 0.f ? o / L : 0.f;
+        if (a.v_scale != nullptr) {
+            const std::size_t c = std::size_t(hq / (a.n_q_heads / a.n_kv_heads)) * d + ch;
+            r = fmaf(r, __ldg(a.v_scale + c), __ldg(a.v_shift + c));
+        }
+        a.out[head * d + ch] = r;
+    }
 }
 
 inline int dec_pick_gt(int G) {
@@ -604,6 +630,9 @@ inline CheckResult can_implement(const DecodeAttentionArgs& a) {
     if (reinterpret_cast<std::uintptr_t>(a.key_pool) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.value_pool) % 16 != 0)
         return fail("pools must be 16-byte aligned");
     if ((a.cur_k == nullptr) != (a.cur_v == nullptr)) return fail("cur_k and cur_v must be given together");
+    if ((a.v_scale == nullptr) != (a.v_shift == nullptr)) return fail("v_scale and v_shift must be given together");
+    if (a.k_scale != nullptr && a.key_format == KeyFormat::Qjl)
+        return fail("k_scale (WKV key smoothing) needs token-wise keys");
     if (a.window_stride != 0 && (a.window_stride < std::int64_t(a.n_kv_heads) * d || a.window_stride % 4 != 0))
         return fail("window_stride must be 0 or a multiple of 4 of at least n_kv_heads * head_dim");
     if (!a.query || !a.out || !a.n_tokens || !a.k_encoded || !a.v_encoded || !a.key_pages || !a.value_pages)

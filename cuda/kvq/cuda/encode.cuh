@@ -1,0 +1,876 @@
+#pragma once
+// GPU encode of keys and values straight into paged blocks, byte for byte the CPU codecs' format
+// (docs/FORMAT.md):
+//  * launch_tokenwise_encode: kvq::TokenwiseCodec (b = 2, 4, 8): QJL's values, the int-b baselines,
+//    and, with the static shift/scale of a layer set, WKVQuant's 2-D codec (x~ = (x - shift) / scale,
+//    then token-wise; what WkvKvCache + WkvCodec store). One warp per (token, KV head) row; the
+//    arithmetic is kvq::tokenwise_quantize_group's, operation for operation (IEEE division, no
+//    contraction), so the bytes are identical.
+//  * launch_qjl_encode: kvq::QjlKeyCodec, with or without outliers. The JL projection S k runs on
+//    tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate) with split operands: S = S_hi + S_lo
+//    (two fp16 parts, 22 bits), k (fp32 input) scaled by a power of two and split the same way
+//    (k_hi, k_lo), products S_hi k_hi + S_lo k_hi + S_hi k_lo (fp16 input: k is exact, two products).
+//    The result is within ~2^-20 ||S_j|| ||k|| of the exact projection. Every projection closer to
+//    zero than a bound on that error (qjl_enc_coef) is queued and recomputed in float64 (one warp per
+//    entry), so each sign bit the kernel writes is the sign of the exact projection. The CPU codec
+//    (fp32 GEMM) can differ from it only where its own rounding crosses zero; tests count those bits.
+//    Norms are computed in float64 as on the CPU. Outliers (per 32-token group): channel energies
+//    summed in float64 in token order, top k_o by (energy desc, id asc), ids ascending; outlier
+//    projection in fp32 with the same near-zero float64 recheck; outlier channels zeroed for the
+//    inlier projection and norm.
+//    Structure: persistent CTAs (one per SM; 16 warps for d <= 128, 8 for d = 256) over tiles of 64
+//    rows (32 tokens x 2 KV heads); each warp keeps its 16 sketch rows' S_hi / S_lo mma fragments in
+//    registers for the whole kernel; the next tile's input rows stream into shared memory with
+//    cp.async while the tensor cores work on the current one. fp16 conversions use the hardware
+//    round-to-nearest-even (__float2half_rn), bit-identical to kvq::float_to_half on finite values.
+//
+// Input: x [batch][n_tokens][n_kv_heads][head_dim] (fp32 or fp16, strides configurable); token t of
+// sequence b goes to stream position pos0[b] + t of KV head h: block pages[(b * n_kv_heads + h) *
+// page_stride + pos / B], token pos % B. Only the bytes of those tokens (codes, per-token side data,
+// and with outliers the group's channel ids) are written. Launchers: stream + (unused, may be null)
+// workspace, no host synchronisation, every launch checked, capturable in a CUDA graph.
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "kvq/core/half.hpp"
+#include "kvq/cuda/check.cuh"
+#include "kvq/cuda/qjl_score.cuh"
+#include "kvq/quant/codec.hpp"
+
+namespace kvq::cuda {
+
+struct EncodeTarget {
+    int head_dim = 0;    // 64, 128 or 256
+    int n_kv_heads = 0;
+    int batch = 0;
+    int n_tokens = 0;    // tokens per sequence in this call
+    const void* x = nullptr;           // device, see the header comment
+    QueryType x_type = QueryType::F32;  // fp32 or fp16 elements
+    std::int64_t x_token_stride = 0;    // elements between tokens; 0 -> n_kv_heads * head_dim
+    std::int64_t x_batch_stride = 0;    // elements between sequences; 0 -> n_tokens * token stride
+    const int* pos0 = nullptr;          // device [batch]: first stream position written
+    BlockLayout layout{};
+    std::uint8_t* pool = nullptr;       // block p at pool + p * block_bytes
+    std::size_t block_bytes = 0;
+    const std::uint32_t* pages = nullptr;  // [batch][n_kv_heads][page_stride]
+    std::int64_t page_stride = 0;
+};
+
+struct TokenwiseEncodeArgs : EncodeTarget {
+    int bits = 0, group = 0;
+    // Optional WKV static smoothing of this layer, device [n_kv_heads][head_dim] each (both or none).
+    const float* shift = nullptr;
+    const float* scale = nullptr;
+};
+
+struct QjlEncodeArgs : EncodeTarget {
+    int m = 0, m_outlier = 0, outliers = 0, sketch_rows = 0;
+    const float* sketch = nullptr;  // device [sketch_rows][head_dim] (QjlKeyCodec::sketch())
+};
+
+template <class TokCodec>
+void set_tokenwise_codec(TokenwiseEncodeArgs& a, const TokCodec& c, int block_tokens) {
+    a.head_dim = c.params().head_dim;
+    a.bits = c.params().bits;
+    a.group = c.params().group;
+    a.layout = c.layout(block_tokens);
+    if (a.block_bytes == 0) a.block_bytes = a.layout.bytes();
+}
+template <class QjlCodec>
+void set_qjl_codec(QjlEncodeArgs& a, const QjlCodec& c, int block_tokens) {
+    a.head_dim = c.head_dim();
+    a.m = c.params().m;
+    a.m_outlier = c.outlier_bits();
+    a.outliers = c.params().outliers;
+    a.sketch_rows = c.sketch_rows();
+    a.layout = c.layout(block_tokens);
+    if (a.block_bytes == 0) a.block_bytes = a.layout.bytes();
+}
+
+namespace detail {
+
+inline CheckResult enc_check_target(const EncodeTarget& a, const char* who) {
+    auto fail = [&](std::string msg) { return CheckResult{false, std::string(who) + ": " + std::move(msg)}; };
+    const int d = a.head_dim;
+    if (d != 64 && d != 128 && d != 256) return fail("head_dim must be 64, 128 or 256, got " + std::to_string(d));
+    if (a.n_kv_heads <= 0 || a.n_kv_heads > 65535) return fail("n_kv_heads must be in [1, 65535]");
+    if (a.batch <= 0 || a.batch > 65535) return fail("batch must be in [1, 65535]");
+    if (a.n_tokens < 0 || a.n_tokens > (1 << 26)) return fail("n_tokens must be in [0, 2^26]");
+    const std::int64_t ts = a.x_token_stride ? a.x_token_stride : std::int64_t(a.n_kv_heads) * d;
+    if (ts < std::int64_t(a.n_kv_heads) * d || ts % 8 != 0)
+        return fail("x_token_stride must be 0 or a multiple of 8 of at least n_kv_heads * head_dim");
+    if (a.x_batch_stride != 0 && (a.x_batch_stride < ts * a.n_tokens || a.x_batch_stride % 8 != 0))
+        return fail("x_batch_stride must be 0 or a multiple of 8 of at least n_tokens * token stride");
+    const std::uint32_t B = a.layout.block_tokens;
+    if (B == 0 || (B & (B - 1)) != 0) return fail("layout.block_tokens must be a power of two");
+    if (a.block_bytes < a.layout.bytes() || a.block_bytes % 16 != 0)
+        return fail("block_bytes must be a multiple of 16 and at least layout.bytes()");
+    if (a.page_stride < 0) return fail("page_stride must be >= 0");
+    if (a.n_tokens > 0 && (!a.x || !a.pos0 || !a.pool || !a.pages)) return fail("x, pos0, pool and pages must be set");
+    if (reinterpret_cast<std::uintptr_t>(a.pool) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0)
+        return fail("pool and x must be 16-byte aligned");
+    return {};
+}
+
+struct EncRow {
+    std::uint8_t* blk;
+    int tok;
+};
+
+__device__ __forceinline__ EncRow enc_row(const EncodeTarget& a, int b, int t, int h) {
+    const int pos = __ldg(a.pos0 + b) + t;
+    const int B = static_cast<int>(a.layout.block_tokens), sh = __ffs(B) - 1;
+    const std::uint32_t page = __ldg(a.pages + (std::size_t(b) * a.n_kv_heads + h) * a.page_stride + (pos >> sh));
+    return EncRow{a.pool + std::size_t(page) * a.block_bytes, pos & (B - 1)};
+}
+
+template <int CPL>
+__device__ __forceinline__ void enc_load(const EncodeTarget& a, std::size_t off, float v[CPL]) {
+    if (a.x_type == QueryType::F32) {
+        const float* p = static_cast<const float*>(a.x) + off;
+#pragma unroll
+        for (int i = 0; i < CPL; i += 2) {
+            const float2 f = __ldg(reinterpret_cast<const float2*>(p + i));
+            v[i] = f.x;
+            v[i + 1] = f.y;
+        }
+    } else {
+        const __half* p = static_cast<const __half*>(a.x) + off;
+#pragma unroll
+        for (int i = 0; i < CPL; i += 2) {
+            const __half2 f = __ldg(reinterpret_cast<const __half2*>(p + i));
+            v[i] = __low2float(f);
+            v[i + 1] = __high2float(f);
+        }
+    }
+}
+
+__device__ __forceinline__ std::size_t enc_x_offset(const EncodeTarget& a, int b, int t, int h) {
+    const std::int64_t ts = a.x_token_stride ? a.x_token_stride : std::int64_t(a.n_kv_heads) * a.head_dim;
+    const std::int64_t bs = a.x_batch_stride ? a.x_batch_stride : ts * a.n_tokens;
+    return std::size_t(b) * bs + std::size_t(t) * ts + std::size_t(h) * a.head_dim;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token-wise encode: one warp per (sequence, token, KV head) row, lane owns CPL = d/32 channels.
+inline constexpr int kTwRowsPerWarp = 4;
+
+// fp32 -> fp16 bits, round to nearest even: the hardware conversion, bit-identical to
+// kvq::float_to_half for every finite input (inputs are validated finite).
+__device__ __forceinline__ half_t enc_f2h(float f) { return half_t{__half_as_ushort(__float2half_rn(f))}; }
+__device__ __forceinline__ float enc_h2f(half_t h) { return __half2float(__ushort_as_half(h.bits)); }
+
+template <int CPL, int BITS>
+__global__ void __launch_bounds__(256) tw_encode_kernel(TokenwiseEncodeArgs a) {
+    constexpr int R = kTwRowsPerWarp;
+    const int lane = threadIdx.x & 31;
+    const int row0 = (blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32) * R;  // within the sequence
+    const int nrows = a.n_tokens * a.n_kv_heads;
+    if (row0 >= nrows) return;
+    const int b = blockIdx.y, d = a.head_dim;
+    float v[R][CPL];
+    EncRow rr[R];
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        const int row = row0 + k < nrows ? row0 + k : row0;
+        enc_load<CPL>(a, enc_x_offset(a, b, row / a.n_kv_heads, row % a.n_kv_heads) + lane * CPL, v[k]);
+        rr[k] = enc_row(a, b, row / a.n_kv_heads, row % a.n_kv_heads);
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+        const int row = row0 + k;
+        if (row >= nrows) break;
+        const int h = row % a.n_kv_heads;
+        if (a.shift != nullptr) {
+#pragma unroll
+            for (int i = 0; i < CPL; ++i) {
+                const int c = h * d + lane * CPL + i;
+                v[k][i] = __fdiv_rn(__fsub_rn(v[k][i], __ldg(a.shift + c)), __ldg(a.scale + c));
+            }
+        }
+        // Group of g channels = GL lanes (g is a multiple of CPL, GL a power of two).
+        const int GL = a.group / CPL;
+        float lo = v[k][0], hi = v[k][0];
+#pragma unroll
+        for (int i = 1; i < CPL; ++i) {
+            lo = v[k][i] < lo ? v[k][i] : lo;
+            hi = v[k][i] > hi ? v[k][i] : hi;
+        }
+        for (int off = 1; off < GL; off <<= 1) {
+            const float ol = __shfl_xor_sync(0xffffffffu, lo, off), oh = __shfl_xor_sync(0xffffffffu, hi, off);
+            lo = ol < lo ? ol : lo;
+            hi = oh > hi ? oh : hi;
+        }
+        constexpr int levels = (1 << BITS) - 1;
+        const half_t step_h = enc_f2h(__fdiv_rn(__fsub_rn(hi, lo), static_cast<float>(levels)));
+        const half_t lo_h = enc_f2h(lo);
+        const float step = enc_h2f(step_h), lo_r = enc_h2f(lo_h);
+        unsigned long long w = 0;
+#pragma unroll
+        for (int i = 0; i < CPL; ++i) {
+            int c = 0;
+            if (step > 0.0f) {
+                const float q = floorf(__fadd_rn(__fdiv_rn(__fsub_rn(v[k][i], lo_r), step), 0.5f));
+                c = q < 0.0f ? 0 : (q > static_cast<float>(levels) ? levels : static_cast<int>(q));
+            }
+            w |= static_cast<unsigned long long>(c) << (i * BITS);
+        }
+        const EncRow r = rr[k];
+        std::uint8_t* codes = r.blk + std::size_t(r.tok) * a.layout.code_bytes;
+        constexpr int LB = CPL * BITS;  // bits per lane
+        if constexpr (LB == 4) {
+            const unsigned o = __shfl_down_sync(0xffffffffu, static_cast<unsigned>(w), 1);
+            if ((lane & 1) == 0) codes[lane / 2] = static_cast<std::uint8_t>(w | (o << 4));
+        } else if constexpr (LB == 8) {
+            codes[lane] = static_cast<std::uint8_t>(w);
+        } else if constexpr (LB == 16) {
+            reinterpret_cast<std::uint16_t*>(codes)[lane] = static_cast<std::uint16_t>(w);
+        } else if constexpr (LB == 32) {
+            reinterpret_cast<std::uint32_t*>(codes)[lane] = static_cast<std::uint32_t>(w);
+        } else {
+            reinterpret_cast<unsigned long long*>(codes)[lane] = w;
+        }
+        if (lane % GL == 0) {
+            const int ng = d / a.group, grp = lane / GL;
+            std::uint16_t* side = reinterpret_cast<std::uint16_t*>(r.blk + a.layout.token_side_offset());
+            side[std::size_t(r.tok) * ng + grp] = step_h.bits;
+            side[std::size_t(a.layout.block_tokens) * ng + std::size_t(r.tok) * ng + grp] = lo_h.bits;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QJL encode. A tile of 64 rows = 32 tokens x 2 KV heads (an outlier group per head);
+// blockIdx.y picks a slice of NW * JW sketch rows (NW = 16 warps for d <= 128, else 8; JW = 16);
+// warp w owns JW of them, with their S_hi / S_lo mma B fragments in registers for the whole kernel.
+// Grid-stride over tiles.
+template <int D>
+inline constexpr int kQjlEncWarps = D <= 128 ? 16 : 8;
+inline constexpr int kQjlEncJW = 16;  // sketch rows per warp
+inline constexpr int kQjlEncRows = 64;
+
+// Near-zero recheck bound: |mma result - exact| <= ||k'|| (C ||S_j|| + 2^-20 sqrt(d)) with
+// C = (3 d / 16 + 8) 2^-21: operand splitting leaves <= 2^-22 |S| + 2^-25 per element of S and, for
+// fp32 input scaled to max |k'| in [2^14, 2^15), <= 2^-22 |k'| + 2^-25 per element of k'; each of the
+// <= 3 d / 16 fp32 accumulation steps of the tensor cores adds <= 2^-22 of the running magnitude.
+// C is twice the sum of those terms (d = 128: |error| <= 1.6e-5 ||k'|| ||S_j|| against ~1e-6 typical).
+__device__ __forceinline__ float qjl_enc_coef(int d) { return (3.0f * d / 16.0f + 8.0f) * 4.76837158203125e-07f; }
+
+__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned pack_half2(__half lo, __half hi) {
+    return static_cast<unsigned>(__half_as_ushort(lo)) | (static_cast<unsigned>(__half_as_ushort(hi)) << 16);
+}
+
+__device__ __forceinline__ float enc_load1(const EncodeTarget& a, std::size_t off) {
+    if (a.x_type == QueryType::F32) return __ldg(static_cast<const float*>(a.x) + off);
+    return __half2float(__ldg(static_cast<const __half*>(a.x) + off));
+}
+
+// Exact sign of <S_j, k> (k with the outlier channels in `omask` zeroed), in float64.
+__device__ __forceinline__ unsigned qjl_exact_sign(const QjlEncodeArgs& a, std::size_t xoff, int j, const unsigned* omask) {
+    const int d = a.head_dim;
+    double s = 0;
+    for (int c = 0; c < d; ++c) {
+        if (omask != nullptr && ((omask[c >> 5] >> (c & 31)) & 1u)) continue;
+        s += double(__ldg(a.sketch + std::size_t(j) * d + c)) * double(enc_load1(a, xoff + c));
+    }
+    return s > 0.0 ? 1u : 0u;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+inline constexpr int kQjlEncCheckMax = 512;  // near-zero rechecks queued per tile (more: done in place)
+
+template <int D, bool F16IN>
+struct QjlEncSmem {
+    static constexpr int RT = kQjlEncRows, AST = D + 8, ESZ = F16IN ? 2 : 4;
+    static constexpr std::size_t raw = 0;                                          // [RT][D] input rows
+    static constexpr std::size_t ahi = raw + std::size_t(RT) * D * ESZ;             // [RT][AST] half
+    static constexpr std::size_t alo = ahi + std::size_t(RT) * AST * 2;            // [RT][AST] half (fp32 input)
+    static constexpr std::size_t codes = alo + (F16IN ? 0 : std::size_t(RT) * AST * 2);  // [RT][8] u32
+    static constexpr std::size_t tau = codes + std::size_t(RT) * 16 * 4;          // [RT] float
+    static constexpr std::size_t rows = tau + RT * 4;                              // [RT] EncRow (16 B)
+    static constexpr std::size_t omask = rows + RT * 16;                           // [2][8] u32
+    static constexpr std::size_t ochan = omask + 64;                               // [2][16] int
+    static constexpr std::size_t check = ochan + 128;                              // [kQjlEncCheckMax] int
+    static constexpr std::size_t ncheck = check + kQjlEncCheckMax * 4;             // int (+pad)
+    static constexpr std::size_t thr = ncheck + 16;                                // [256] float
+    static constexpr std::size_t so = thr + 256 * 4;                               // [2][16][256] float (outliers)
+    static constexpr std::size_t bytes(bool outliers) { return so + (outliers ? 2 * 17 * 256 * 4 : 0); }  // + smax [2][256]
+};
+
+template <int D, bool F16IN>
+__device__ __forceinline__ float qjl_raw_get(const std::uint8_t* raw, int r, int c) {
+    if constexpr (F16IN) return __half2float(reinterpret_cast<const __half*>(raw)[r * D + c]);
+    else return reinterpret_cast<const float*>(raw)[r * D + c];
+}
+
+// Lane's CPL consecutive channels of row r (vector loads: conflict-free).
+template <int D, bool F16IN>
+__device__ __forceinline__ void qjl_raw_row(const std::uint8_t* raw, int r, int lane, float* v) {
+    constexpr int CPL = D / 32;
+    if constexpr (F16IN) {
+        const __half2* p = reinterpret_cast<const __half2*>(raw) + (r * D + lane * CPL) / 2;
+        if constexpr (CPL == 2) {
+            const float2 f = __half22float2(p[0]);
+            v[0] = f.x, v[1] = f.y;
+        } else if constexpr (CPL == 4) {
+            const uint2 u = *reinterpret_cast<const uint2*>(p);
+            const float2 f0 = __half22float2(*reinterpret_cast<const __half2*>(&u.x));
+            const float2 f1 = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+            v[0] = f0.x, v[1] = f0.y, v[2] = f1.x, v[3] = f1.y;
+        } else {
+            const uint4 u = *reinterpret_cast<const uint4*>(p);
+            const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+                v[2 * i] = f.x, v[2 * i + 1] = f.y;
+            }
+        }
+    } else {
+        const float* p = reinterpret_cast<const float*>(raw) + r * D + lane * CPL;
+        if constexpr (CPL == 2) {
+            const float2 f = *reinterpret_cast<const float2*>(p);
+            v[0] = f.x, v[1] = f.y;
+        } else {
+#pragma unroll
+            for (int i = 0; i < CPL; i += 4) {
+                const float4 f = *reinterpret_cast<const float4*>(p + i);
+                v[i] = f.x, v[i + 1] = f.y, v[i + 2] = f.z, v[i + 3] = f.w;
+            }
+        }
+    }
+}
+
+template <int D, bool F16IN>
+__global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(QjlEncodeArgs a) {
+    constexpr int NW = kQjlEncWarps<D>, kQjlEncThreads = NW * 32;
+    constexpr int CPL = D / 32;
+    constexpr int JW = kQjlEncJW;
+    constexpr int NT = JW / 8;              // mma n-tiles per warp
+    constexpr int KS = D / 16;              // mma k-steps
+    constexpr int RT = kQjlEncRows;
+    using L = QjlEncSmem<D, F16IN>;
+    constexpr int AST = L::AST;
+    extern __shared__ float4 enc_smem4[];
+    std::uint8_t* sm = reinterpret_cast<std::uint8_t*>(enc_smem4);
+    std::uint8_t* raw = sm + L::raw;
+    __half* Ahi = reinterpret_cast<__half*>(sm + L::ahi);
+    __half* Alo = reinterpret_cast<__half*>(sm + L::alo);
+    unsigned* codes = reinterpret_cast<unsigned*>(sm + L::codes);
+    float* tau = reinterpret_cast<float*>(sm + L::tau);
+    EncRow* rows = reinterpret_cast<EncRow*>(sm + L::rows);
+    unsigned* omask = reinterpret_cast<unsigned*>(sm + L::omask);
+    int* ochan = reinterpret_cast<int*>(sm + L::ochan);
+    int* check = reinterpret_cast<int*>(sm + L::check);
+    int* ncheck = reinterpret_cast<int*>(sm + L::ncheck);
+    float* so = reinterpret_cast<float*>(sm + L::so);
+    float* thr = reinterpret_cast<float*>(sm + L::thr);  // near-zero bound factor per sketch row of the slice
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int H = a.n_kv_heads;
+    const int jslice = blockIdx.y * (NW * JW);
+    const int jbase = jslice + warp * JW;
+    const bool jactive = jbase < a.m;
+    const bool lead = blockIdx.y == 0;  // writes norms, ids and outlier codes
+    const int ko = a.outliers;
+
+    // B fragments of S (hi, lo) and the per-column near-zero thresholds.
+    unsigned bh[KS][NT][2], bl[KS][NT][2];
+    {
+        const float coef = qjl_enc_coef(D), absterm = 9.5367431640625e-07f * sqrtf(float(D));
+        for (int jl = tid; jl < NW * JW; jl += kQjlEncThreads) {
+            const int jj = jslice + jl;
+            float nn = 0.f;
+            if (jj < a.m)
+                for (int c = 0; c < D; ++c) {
+                    const float sv = __ldg(a.sketch + std::size_t(jj) * D + c);
+                    nn = fmaf(sv, sv, nn);
+                }
+            thr[jl] = coef * sqrtf(nn) * 1.001f + absterm;
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int j = jbase + nt * 8 + g;
+            const float* srow = a.sketch + std::size_t(jactive ? j : 0) * D;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                for (int hlf = 0; hlf < 2; ++hlf) {
+                    const int c = ks * 16 + hlf * 8 + tig * 2;
+                    const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
+                    const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
+                    const __half l0 = __float2half_rn(s0 - __half2float(h0)), l1 = __float2half_rn(s1 - __half2float(h1));
+                    bh[ks][nt][hlf] = pack_half2(h0, h1);
+                    bl[ks][nt][hlf] = pack_half2(l0, l1);
+                }
+        }
+    }
+
+    const int ntg = (a.n_tokens + 31) / 32, nhp = (H + 1) / 2;
+    const long long tiles = static_cast<long long>(a.batch) * ntg * nhp;
+    const std::uint32_t B = a.layout.block_tokens;
+    auto coords = [&](long long tile, int& b, int& tg, int& hp) {
+        hp = static_cast<int>(tile % nhp);
+        tg = static_cast<int>((tile / nhp) % ntg);
+        b = static_cast<int>(tile / (static_cast<long long>(nhp) * ntg));
+    };
+    // Asynchronous copy of a tile's input rows into `raw` (invalid rows zero-filled).
+    auto prefetch = [&](long long tile) {
+        if (tile >= tiles) return;
+        int b, tg, hp;
+        coords(tile, b, tg, hp);
+        constexpr int CH = D * L::ESZ / 16;  // 16-byte chunks per row
+        for (int i = tid; i < RT * CH; i += kQjlEncThreads) {
+            const int r = i / CH, k = i % CH;
+            const int h = hp * 2 + r / 32, t = tg * 32 + r % 32;
+            std::uint8_t* dst = raw + (std::size_t(r) * D) * L::ESZ + k * 16;
+            if (h < H && t < a.n_tokens) {
+                const std::uint8_t* src = static_cast<const std::uint8_t*>(a.x) + enc_x_offset(a, b, t, h) * L::ESZ + k * 16;
+                cp_async16(dst, src);
+            } else {
+                *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+            }
+        }
+        cp_async_commit();
+    };
+
+    prefetch(blockIdx.x);
+    for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        int b, tg, hp;
+        coords(tile, b, tg, hp);
+        cp_async_wait_all();
+        __syncthreads();  // raw is complete; the previous tile's smem readers are done
+        if (tid < RT) {  // row targets (page lookups) in parallel
+            const int h = hp * 2 + tid / 32, t = tg * 32 + tid % 32;
+            rows[tid] = (h < H && t < a.n_tokens) ? enc_row(a, b, t, h) : EncRow{nullptr, 0};
+        }
+        __syncthreads();
+        if (ko > 0) {
+            if (warp < 2) {
+                // Energies in float64, token order; lane owns channels lane, lane + 32, ...
+                double en[CPL];
+#pragma unroll
+                for (int i = 0; i < CPL; ++i) {
+                    double e = 0;
+                    for (int t = 0; t < 32; ++t) {
+                        const float x = qjl_raw_get<D, F16IN>(raw, warp * 32 + t, lane + 32 * i);
+                        e += double(x) * x;
+                    }
+                    en[i] = e;
+                }
+                unsigned mymask = 0;  // bit i: channel lane + 32 i taken
+                for (int k = 0; k < ko; ++k) {
+                    double be = -1.0;
+                    int bc = 1 << 30;
+#pragma unroll
+                    for (int i = 0; i < CPL; ++i)
+                        if (!((mymask >> i) & 1u) && en[i] > be) {
+                            be = en[i];
+                            bc = lane + 32 * i;
+                        }
+                    for (int off = 16; off > 0; off >>= 1) {
+                        const double oe = __shfl_xor_sync(0xffffffffu, be, off);
+                        const int oc = __shfl_xor_sync(0xffffffffu, bc, off);
+                        if (oe > be || (oe == be && oc < bc)) {
+                            be = oe;
+                            bc = oc;
+                        }
+                    }
+                    if ((bc & 31) == lane) mymask |= 1u << (bc >> 5);
+                }
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const unsigned bal = __ballot_sync(0xffffffffu, i < CPL && ((mymask >> i) & 1u));
+                    if (lane == 0) omask[warp * 8 + i] = bal;
+                }
+                __syncwarp();
+                {  // ascending ids: rank of channel 32 i + lane among the set bits
+                    int before = 0;
+#pragma unroll
+                    for (int i = 0; i < CPL; ++i) {
+                        const unsigned wd = omask[warp * 8 + i];
+                        if ((wd >> lane) & 1u) ochan[warp * 16 + before + __popc(wd & ((1u << lane) - 1u))] = 32 * i + lane;
+                        before += __popc(wd);
+                    }
+                }
+                __syncwarp();
+                if (lane == 0) {
+                    const int h = hp * 2 + warp;
+                    if (lead && h < H && tg * 32 < a.n_tokens) {
+                        const EncRow r = enc_row(a, b, tg * 32, h);
+                        std::uint8_t* ids = r.blk + a.layout.block_side_offset() + std::size_t(r.tok / 32) * ko;
+                        for (int i = 0; i < ko; ++i) ids[i] = static_cast<std::uint8_t>(ochan[warp * 16 + i]);
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        // Norms, scaling, fp16 split into the A tile; row targets.
+        if (tid == 0) *ncheck = 0;
+#pragma unroll 2
+        for (int r = warp; r < RT; r += NW) {
+            const int h = hp * 2 + r / 32, t = tg * 32 + r % 32;
+            const bool valid = h < H && t < a.n_tokens;
+            float v[CPL];
+            qjl_raw_row<D, F16IN>(raw, r, lane, v);
+            if (ko > 0) {
+#pragma unroll
+                for (int i = 0; i < CPL; ++i) {
+                    const int c = lane * CPL + i;
+                    if ((omask[(r / 32) * 8 + (c >> 5)] >> (c & 31)) & 1u) v[i] = 0.f;
+                }
+            }
+            double nn = 0;
+            float mx = 0.f;
+#pragma unroll
+            for (int i = 0; i < CPL; ++i) {
+                nn += double(v[i]) * v[i];
+                mx = fmaxf(mx, fabsf(v[i]));
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) {
+                nn += __shfl_xor_sync(0xffffffffu, nn, off);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            }
+            const float norm = static_cast<float>(sqrt(nn));
+            int e = 0;
+            if (!F16IN && mx > 0.f) {
+                int ex;
+                frexpf(mx, &ex);
+                e = 15 - ex;
+            }
+#pragma unroll
+            for (int i = 0; i < CPL; i += 2) {
+                __half h0, h1;
+                if (F16IN) {
+                    h0 = __float2half_rn(v[i]);
+                    h1 = __float2half_rn(v[i + 1]);
+                } else {
+                    const float s0 = ldexpf(v[i], e), s1 = ldexpf(v[i + 1], e);
+                    h0 = __float2half_rn(s0);
+                    h1 = __float2half_rn(s1);
+                    const __half l0 = __float2half_rn(s0 - __half2float(h0)), l1 = __float2half_rn(s1 - __half2float(h1));
+                    *reinterpret_cast<unsigned*>(Alo + r * AST + lane * CPL + i) = pack_half2(l0, l1);
+                }
+                *reinterpret_cast<unsigned*>(Ahi + r * AST + lane * CPL + i) = pack_half2(h0, h1);
+            }
+            if (lane == 0) {
+                tau[r] = ldexpf(norm, e);
+                const EncRow rr = rows[r];
+                if (valid) {
+                    if (lead) {
+                        std::uint16_t* side = reinterpret_cast<std::uint16_t*>(rr.blk + a.layout.token_side_offset());
+                        side[rr.tok] = enc_f2h(norm).bits;
+                        if (ko > 0) {
+                            double no = 0;
+                            for (int i = 0; i < ko; ++i) {
+                                const float x = qjl_raw_get<D, F16IN>(raw, r, ochan[(r / 32) * 16 + i]);
+                                no += double(x) * x;
+                            }
+                            side[B + rr.tok] = enc_f2h(static_cast<float>(sqrt(no))).bits;
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+        // Outlier projection (lead CTAs): S[:, O] staged per 256 sketch rows; thread per (row, 32
+        // sketch rows); fp32 with a float64 recheck near zero.
+        if (ko > 0 && lead) {
+            for (int j0 = 0; j0 < a.m_outlier; j0 += 256) {
+                const int jn = min(256, a.m_outlier - j0);
+                float* somax = so + 2 * 16 * 256;  // [2][256]: max_i |S[j][O_i]| per group
+                for (int i = tid; i < 2 * ko * jn; i += kQjlEncThreads) {
+                    const int grp = i / (ko * jn), rem = i % (ko * jn), oi = rem / jn, jj = rem % jn;
+                    so[(grp * 16 + oi) * 256 + jj] = __ldg(a.sketch + std::size_t(j0 + jj) * D + ochan[grp * 16 + oi]);
+                }
+                __syncthreads();
+                for (int i = tid; i < 2 * jn; i += kQjlEncThreads) {
+                    const int grp = i / jn, jj = i % jn;
+                    float mxs = 0.f;
+                    for (int oi = 0; oi < ko; ++oi) mxs = fmaxf(mxs, fabsf(so[(grp * 16 + oi) * 256 + jj]));
+                    somax[grp * 256 + jj] = mxs;
+                }
+                __syncthreads();
+                // |fp32 sum - exact| <= ko 2^-24 sum_i |S x| <= 2^-20 max_i |S| sum_i |x|: recheck below 2^-18 of that.
+                auto project = [&](auto ko_c) {
+                    constexpr int KO = decltype(ko_c)::value;  // upper bound of ko (loops predicated)
+                    for (int task = tid; task < RT * (jn / 32); task += kQjlEncThreads) {
+                        const int r = task % RT, wd = task / RT;
+                        const EncRow rr = rows[r];
+                        if (rr.blk == nullptr) continue;
+                        const int grp = r / 32;
+                        const int* ch = ochan + grp * 16;
+                        float xv[KO];
+                        float xa = 0.f;
+#pragma unroll
+                        for (int i = 0; i < KO; ++i) {
+                            xv[i] = i < ko ? qjl_raw_get<D, F16IN>(raw, r, ch[i]) : 0.f;
+                            xa += fabsf(xv[i]);
+                        }
+                        xa *= 3.814697265625e-06f;  // 2^-18
+                        unsigned word = 0;
+                        for (int jj = 0; jj < 32; ++jj) {
+                            const float* sc = so + grp * 16 * 256 + wd * 32 + jj;
+                            float sv[KO];
+                            float s = 0.f;
+#pragma unroll
+                            for (int i = 0; i < KO; ++i) {
+                                sv[i] = i < ko ? sc[i * 256] : 0.f;
+                                s = fmaf(sv[i], xv[i], s);
+                            }
+                            unsigned bit = s > 0.f ? 1u : 0u;
+                            if (fabsf(s) <= somax[grp * 256 + wd * 32 + jj] * xa) {
+                                double sd = 0;
+#pragma unroll
+                                for (int i = 0; i < KO; ++i) sd += double(sv[i]) * double(xv[i]);
+                                bit = sd > 0.0 ? 1u : 0u;
+                            }
+                            word |= bit << jj;
+                        }
+                        *reinterpret_cast<unsigned*>(rr.blk + std::size_t(rr.tok) * a.layout.code_bytes + (a.m + j0) / 8 +
+                                                     wd * 4) = word;
+                    }
+                };
+                if (ko <= 4) project(std::integral_constant<int, 4>{});
+                else if (ko <= 8) project(std::integral_constant<int, 8>{});
+                else project(std::integral_constant<int, 16>{});
+                __syncthreads();
+            }
+        }
+        // raw is free: fetch the next tile while the tensor cores work on this one.
+        prefetch(tile + gridDim.x);
+
+        // Inlier projection on tensor cores: warp computes RT rows x JW sketch rows.
+        if (jactive) {
+#pragma unroll 1
+            for (int mt = 0; mt < RT / 16; ++mt) {
+                float acc[NT][4];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+                const int r0 = mt * 16 + g;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    const int c = ks * 16 + tig * 2;
+                    unsigned ah[4], al[4];
+                    ah[0] = *reinterpret_cast<const unsigned*>(Ahi + r0 * AST + c);
+                    ah[1] = *reinterpret_cast<const unsigned*>(Ahi + (r0 + 8) * AST + c);
+                    ah[2] = *reinterpret_cast<const unsigned*>(Ahi + r0 * AST + c + 8);
+                    ah[3] = *reinterpret_cast<const unsigned*>(Ahi + (r0 + 8) * AST + c + 8);
+                    if (!F16IN) {
+                        al[0] = *reinterpret_cast<const unsigned*>(Alo + r0 * AST + c);
+                        al[1] = *reinterpret_cast<const unsigned*>(Alo + (r0 + 8) * AST + c);
+                        al[2] = *reinterpret_cast<const unsigned*>(Alo + r0 * AST + c + 8);
+                        al[3] = *reinterpret_cast<const unsigned*>(Alo + (r0 + 8) * AST + c + 8);
+                    }
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) {
+                        mma16816(acc[nt], ah, bl[ks][nt][0], bl[ks][nt][1]);
+                        if (!F16IN) mma16816(acc[nt], al, bh[ks][nt][0], bh[ks][nt][1]);
+                        mma16816(acc[nt], ah, bh[ks][nt][0], bh[ks][nt][1]);
+                    }
+                }
+                // Signs; near-zero ones are queued for an exact recheck.
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int r = r0 + half * 8;
+                    const float tr = tau[r];
+                    const bool rv = rows[r].blk != nullptr;
+                    unsigned word = 0;
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const float p = acc[nt][half * 2 + e];
+                            const int jl = nt * 8 + tig * 2 + e;
+                            unsigned bit = p > 0.f ? 1u : 0u;
+                            if (fabsf(p) <= tr * thr[warp * JW + jl] && rv) {
+                                const int slot = atomicAdd(ncheck, 1);
+                                if (slot < kQjlEncCheckMax) {
+                                    check[slot] = (r << 16) | (warp * JW + jl);
+                                } else {
+                                    const int h = hp * 2 + r / 32, t = tg * 32 + r % 32;
+                                    bit = qjl_exact_sign(a, enc_x_offset(a, b, t, h), jbase + jl,
+                                                         ko > 0 ? omask + (r / 32) * 8 : nullptr);
+                                }
+                            }
+                            word |= bit << jl;
+                        }
+                    word |= __shfl_xor_sync(0xffffffffu, word, 1);
+                    word |= __shfl_xor_sync(0xffffffffu, word, 2);
+                    if (tig == half) codes[r * NW + warp] = word;
+                }
+            }
+        }
+        __syncthreads();
+        // Exact (float64) signs of the queued near-zero projections: one warp per entry.
+        {
+            const int n = min(*ncheck, kQjlEncCheckMax);
+            for (int i = warp; i < n; i += NW) {
+                const int ent = check[i], r = ent >> 16, jl = ent & 0xFFFF;
+                const int h = hp * 2 + r / 32, t = tg * 32 + r % 32;
+                const int j = jslice + jl;
+                float v[CPL];
+                enc_load<CPL>(a, enc_x_offset(a, b, t, h) + lane * CPL, v);
+                double s = 0;
+#pragma unroll
+                for (int k = 0; k < CPL; ++k) {
+                    const int c = lane * CPL + k;
+                    if (ko > 0 && ((omask[(r / 32) * 8 + (c >> 5)] >> (c & 31)) & 1u)) continue;
+                    s += double(__ldg(a.sketch + std::size_t(j) * D + c)) * double(v[k]);
+                }
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+                if (lane == 0) {
+                    const unsigned m = 1u << (jl % JW);
+                    if (s > 0.0) atomicOr(codes + r * NW + jl / JW, m);
+                    else atomicAnd(codes + r * NW + jl / JW, ~m);
+                }
+            }
+        }
+        __syncthreads();
+        // Codes out: row r, warp slot w -> JW bits at sketch row jslice + w * JW.
+        for (int i = tid; i < RT * NW; i += kQjlEncThreads) {
+            const int r = i / NW, w = i % NW;
+            const EncRow rr = rows[r];
+            if (rr.blk == nullptr || jslice + w * JW >= a.m) continue;
+            std::uint8_t* dst = rr.blk + std::size_t(rr.tok) * a.layout.code_bytes + (jslice + w * JW) / 8;
+            if constexpr (JW == 32) *reinterpret_cast<unsigned*>(dst) = codes[i];
+            else *reinterpret_cast<std::uint16_t*>(dst) = static_cast<std::uint16_t>(codes[i]);
+        }
+    }
+    cp_async_wait_all();
+}
+
+inline std::size_t qjl_enc_smem_bytes(int d, bool f16in, int outliers) {
+    const bool o = outliers > 0;
+    switch (d) {
+        case 64: return f16in ? QjlEncSmem<64, true>::bytes(o) : QjlEncSmem<64, false>::bytes(o);
+        case 128: return f16in ? QjlEncSmem<128, true>::bytes(o) : QjlEncSmem<128, false>::bytes(o);
+        default: return f16in ? QjlEncSmem<256, true>::bytes(o) : QjlEncSmem<256, false>::bytes(o);
+    }
+}
+
+inline int enc_sm_count() {
+    int dev = 0, sms = 0;
+    KVQ_CUDA_CHECK(cudaGetDevice(&dev));
+    KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+}
+
+}  // namespace detail
+
+inline CheckResult can_implement(const TokenwiseEncodeArgs& a) {
+    const char* who = "kvq::cuda::launch_tokenwise_encode";
+    CheckResult r = detail::enc_check_target(a, who);
+    if (!r.ok) return r;
+    auto fail = [&](std::string msg) { return CheckResult{false, std::string(who) + ": " + std::move(msg)}; };
+    const int d = a.head_dim, cpl = d / 32;
+    if (a.bits != 2 && a.bits != 4 && a.bits != 8) return fail("bits must be 2, 4 or 8 (3-bit codes stay on the CPU)");
+    if (a.group < cpl || a.group > d || d % a.group != 0 || (a.group & (a.group - 1)) != 0)
+        return fail("group must be a power of two in [head_dim / 32, head_dim]");
+    if (a.layout.code_bytes != std::uint32_t(d * a.bits / 8) || a.layout.token_side_bytes != std::uint32_t(4 * (d / a.group)) ||
+        a.layout.block_side_bytes != 0)
+        return fail("layout does not match the token-wise parameters (use set_tokenwise_codec)");
+    if ((a.shift == nullptr) != (a.scale == nullptr)) return fail("shift and scale must be given together");
+    if (std::int64_t(a.n_tokens) * a.n_kv_heads >= (std::int64_t(1) << 31) - 256)
+        return fail("n_tokens * n_kv_heads must stay below 2^31");
+    return {};
+}
+
+inline CheckResult can_implement(const QjlEncodeArgs& a) {
+    const char* who = "kvq::cuda::launch_qjl_encode";
+    CheckResult r = detail::enc_check_target(a, who);
+    if (!r.ok) return r;
+    auto fail = [&](std::string msg) { return CheckResult{false, std::string(who) + ": " + std::move(msg)}; };
+    if (a.m < 32 || a.m > 1024 || a.m % 32 != 0) return fail("m must be a multiple of 32 in [32, 1024]");
+    if (a.outliers < 0 || a.outliers > 16) return fail("outliers must be in [0, 16]");
+    if (a.outliers > 0 && (a.m_outlier < 32 || a.m_outlier > 1024 || a.m_outlier % 32 != 0))
+        return fail("m_outlier must be a multiple of 32 in [32, 1024]");
+    if (a.outliers == 0 && a.m_outlier != 0) return fail("m_outlier must be 0 without outliers");
+    const int rows = a.outliers > 0 ? (a.m > a.m_outlier ? a.m : a.m_outlier) : a.m;
+    if (a.sketch_rows != rows || !a.sketch) return fail("sketch (device, max(m, m_outlier) rows) must be set");
+    const std::uint32_t B = a.layout.block_tokens;
+    if (a.layout.code_bytes != std::uint32_t(a.m + a.m_outlier) / 8 || a.layout.token_side_bytes != (a.outliers > 0 ? 4u : 2u) ||
+        a.layout.block_side_bytes != (a.outliers > 0 ? B / 32 * std::uint32_t(a.outliers) : 0u))
+        return fail("layout does not match the QJL parameters (use set_qjl_codec)");
+    if (a.outliers > 0 && (B % 32 != 0 || a.n_tokens % 32 != 0))
+        return fail("with outliers, block_tokens and n_tokens must be multiples of 32 (pos0 too, not checked)");
+    return {};
+}
+
+inline void launch_tokenwise_encode(const TokenwiseEncodeArgs& a, cudaStream_t stream, void* /*workspace*/ = nullptr,
+                                    std::size_t /*workspace_bytes*/ = 0) {
+    const CheckResult ok = can_implement(a);
+    KVQ_CHECK(ok.ok, ok.message);
+    const std::size_t rows = std::size_t(a.n_tokens) * a.n_kv_heads;
+    if (rows == 0) return;
+    const std::size_t per_cta = 8 * detail::kTwRowsPerWarp;
+    const dim3 blocks(static_cast<unsigned>((rows + per_cta - 1) / per_cta), static_cast<unsigned>(a.batch));
+    auto go = [&](auto kernel) {
+        kernel<<<blocks, 256, 0, stream>>>(a);
+        KVQ_CUDA_CHECK_LAUNCH("tw_encode_kernel");
+    };
+    auto with_bits = [&](auto cpl_c) {
+        constexpr int C = decltype(cpl_c)::value;
+        switch (a.bits) {
+            case 2: go(detail::tw_encode_kernel<C, 2>); break;
+            case 4: go(detail::tw_encode_kernel<C, 4>); break;
+            default: go(detail::tw_encode_kernel<C, 8>); break;
+        }
+    };
+    switch (a.head_dim) {
+        case 64: with_bits(std::integral_constant<int, 2>{}); break;
+        case 128: with_bits(std::integral_constant<int, 4>{}); break;
+        default: with_bits(std::integral_constant<int, 8>{}); break;
+    }
+}
+
+inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void* /*workspace*/ = nullptr,
+                              std::size_t /*workspace_bytes*/ = 0) {
+    const CheckResult ok = can_implement(a);
+    KVQ_CHECK(ok.ok, ok.message);
+    if (a.n_tokens == 0) return;
+    const bool f16 = a.x_type == QueryType::F16;
+    const std::size_t smem = detail::qjl_enc_smem_bytes(a.head_dim, f16, a.outliers);
+    const int jslice = (a.head_dim <= 128 ? 16 : 8) * detail::kQjlEncJW;
+    const int ny = (a.m + jslice - 1) / jslice;
+    const long long tiles = static_cast<long long>(a.batch) * ((a.n_tokens + 31) / 32) * ((a.n_kv_heads + 1) / 2);
+    static const int sms = detail::enc_sm_count();
+    long long nx = (static_cast<long long>(sms) + ny - 1) / ny;
+    if (nx > tiles) nx = tiles;
+    const dim3 grid(static_cast<unsigned>(nx), static_cast<unsigned>(ny));
+    auto go = [&](auto kernel) {
+        KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<grid, a.head_dim <= 128 ? 512 : 256, smem, stream>>>(a);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_encode_kernel");
+    };
+    switch (a.head_dim) {
+        case 64: f16 ? go(detail::qjl_encode_kernel<64, true>) : go(detail::qjl_encode_kernel<64, false>); break;
+        case 128: f16 ? go(detail::qjl_encode_kernel<128, true>) : go(detail::qjl_encode_kernel<128, false>); break;
+        default: f16 ? go(detail::qjl_encode_kernel<256, true>) : go(detail::qjl_encode_kernel<256, false>); break;
+    }
+}
+
+}  // namespace kvq::cuda

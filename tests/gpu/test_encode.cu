@@ -1,0 +1,473 @@
+// GPU encode (cuda/kvq/cuda/encode.cuh) against the CPU codecs, byte for byte: tokens of a batch of
+// sequences written at arbitrary stream positions (partially filled blocks, shuffled page tables,
+// garbage in every byte the call must not touch), fp32 and fp16 inputs, d = 64/128/256.
+//  * Token-wise / WKV: the whole pool must be identical.
+//  * QJL: identical except sign bits whose exact (float64) projection is within the CPU's fp32
+//    rounding bound of zero, |<s_j, k>| <= d 2^-23 sum_c |s_jc k_c|. Those bits are counted; on
+//    random inputs their fraction must be below 1e-6.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "kvq/cuda/check.cuh"
+#include "kvq/cuda/encode.cuh"
+#if defined(__NVCC__)
+#pragma nv_diag_suppress 20012
+#pragma nv_diag_suppress 20013
+#pragma nv_diag_suppress 20014
+#pragma nv_diag_suppress 20015
+#endif
+#include "kvq/quant/qjl_key_codec.hpp"
+#include "kvq/quant/tokenwise_codec.hpp"
+#include "kvq/quant/wkv_codec.hpp"
+
+namespace {
+
+template <class T>
+struct Dev {
+    T* p = nullptr;
+    explicit Dev(std::size_t n) { KVQ_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(n, 1) * sizeof(T))); }
+    explicit Dev(const std::vector<T>& v) : Dev(v.size()) {
+        if (!v.empty()) KVQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+    }
+    ~Dev() { cudaFree(p); }
+    Dev(const Dev&) = delete;
+    Dev& operator=(const Dev&) = delete;
+};
+
+struct EncCase {
+    int d = 128, H = 4, batch = 2, n = 77, B = 64;
+    std::vector<int> pos0{0, 45};
+    bool f16 = false;
+    // QJL
+    int m = 256, mo = 0, ko = 0;
+    kvq::SketchKind sketch = kvq::SketchKind::BlockOrthogonal;
+    bool adversarial = false;  // keys = sketch rows: many projections at float rounding of zero
+    // token-wise
+    int bits = 4, group = 32;
+    bool wkv = false;
+    std::uint32_t seed = 1;
+};
+
+// Inputs, pool with garbage, shuffled page tables: shared by both codecs.
+struct Setup {
+    std::vector<float> x;            // [batch][n][H][d] (fp16-representable when f16)
+    std::vector<std::uint16_t> xh;   // fp16 bits when f16
+    std::vector<std::uint32_t> pages;
+    std::int64_t stride = 0;
+    std::vector<std::uint8_t> pool;
+    std::size_t block_bytes = 0;
+};
+
+Setup make_setup(const EncCase& c, const kvq::BlockLayout& l) {
+    Setup s;
+    std::mt19937 rng(c.seed);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    const std::size_t rows = std::size_t(c.batch) * c.n * c.H;
+    s.x.resize(rows * c.d);
+    std::vector<float> chs(c.d);
+    for (int ch = 0; ch < c.d; ++ch) chs[ch] = (ch % 17 == 3) ? 8.f : 0.5f + float(ch % 5) * 0.3f;  // outlier channels
+    for (std::size_t r = 0; r < rows; ++r)
+        for (int ch = 0; ch < c.d; ++ch) s.x[r * c.d + ch] = nd(rng) * chs[ch] + 0.25f;
+    if (c.f16) {
+        s.xh.resize(s.x.size());
+        for (std::size_t i = 0; i < s.x.size(); ++i) {
+            s.xh[i] = kvq::float_to_half(s.x[i]).bits;
+            s.x[i] = kvq::half_to_float(kvq::half_t{s.xh[i]});
+        }
+    }
+    int max_pages = 0;
+    for (int b = 0; b < c.batch; ++b) max_pages = std::max(max_pages, (c.pos0[b] + c.n + c.B - 1) / c.B);
+    s.stride = max_pages + 1;
+    const int n_blocks = c.batch * c.H * max_pages + 3;
+    std::vector<std::uint32_t> ids(n_blocks);
+    std::iota(ids.begin(), ids.end(), 0u);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    s.pages.assign(std::size_t(c.batch) * c.H * s.stride, 0xFFFFFFFFu);
+    int next = 0;
+    for (int b = 0; b < c.batch; ++b)
+        for (int h = 0; h < c.H; ++h)
+            for (int p = 0; p < max_pages; ++p) s.pages[(std::size_t(b) * c.H + h) * s.stride + p] = ids[next++];
+    s.block_bytes = l.bytes() + 16;
+    s.pool.resize(std::size_t(n_blocks) * s.block_bytes);
+    for (auto& v : s.pool) v = static_cast<std::uint8_t>(rng());
+    return s;
+}
+
+template <class Args>
+void fill_target(Args& a, const EncCase& c, const Setup& s, const void* x, const int* pos0, std::uint8_t* pool,
+                 const std::uint32_t* pages) {
+    a.head_dim = c.d;
+    a.n_kv_heads = c.H;
+    a.batch = c.batch;
+    a.n_tokens = c.n;
+    a.x = x;
+    a.x_type = c.f16 ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
+    a.pos0 = pos0;
+    a.pool = pool;
+    a.block_bytes = s.block_bytes;
+    a.pages = pages;
+    a.page_stride = s.stride;
+}
+
+// CPU reference: encode every (sequence, head) stream's tokens block segment by block segment.
+template <class F>
+void cpu_encode(const EncCase& c, const Setup& s, std::vector<std::uint8_t>& pool, int gran, F&& encode) {
+    std::vector<float> rowbuf;
+    for (int b = 0; b < c.batch; ++b)
+        for (int h = 0; h < c.H; ++h) {
+            int t = 0;
+            while (t < c.n) {
+                const int pos = c.pos0[b] + t, first = pos % c.B;
+                const int cnt = std::min(c.n - t, c.B - first);
+                rowbuf.resize(std::size_t(cnt) * c.d);
+                for (int i = 0; i < cnt; ++i)
+                    std::memcpy(&rowbuf[std::size_t(i) * c.d], &s.x[((std::size_t(b) * c.n + t + i) * c.H + h) * c.d],
+                                c.d * sizeof(float));
+                const std::uint32_t page = s.pages[(std::size_t(b) * c.H + h) * s.stride + pos / c.B];
+                EXPECT_EQ(cnt % gran, 0);
+                encode(h, rowbuf.data(), cnt, pool.data() + std::size_t(page) * s.block_bytes, first);
+                t += cnt;
+            }
+        }
+}
+
+struct QjlResult {
+    long long near_zero_bits = 0, total_bits = 0, bad = 0;
+};
+
+QjlResult run_qjl(const EncCase& c, bool graph = false) {
+    kvq::QjlParams p;
+    p.head_dim = c.d;
+    p.m = c.m;
+    p.m_outlier = c.mo;
+    p.outliers = c.ko;
+    p.sketch = c.sketch;
+    const kvq::QjlKeyCodec codec(p);
+    const kvq::BlockLayout l = codec.layout(c.B);
+    Setup s = make_setup(c, l);
+    if (c.adversarial) {
+        const auto& S = codec.sketch();
+        for (std::size_t r = 0; r < s.x.size() / c.d; ++r)
+            for (int ch = 0; ch < c.d; ++ch) s.x[r * c.d + ch] = S[(r % codec.sketch_rows()) * c.d + ch];
+        EXPECT_FALSE(c.f16);
+    }
+    std::vector<std::uint8_t> ref = s.pool;
+    cpu_encode(c, s, ref, codec.granularity(), [&](int, const float* x, int n, std::uint8_t* blk, int first) {
+        codec.encode(x, n, blk, c.B, first);
+    });
+
+    Dev<float> dx(c.f16 ? std::vector<float>{} : s.x);
+    Dev<std::uint16_t> dxh(s.xh);
+    Dev<int> dpos(c.pos0);
+    Dev<std::uint8_t> dpool(s.pool);
+    Dev<std::uint32_t> dpages(s.pages);
+    Dev<float> dS(codec.sketch());
+    kvq::cuda::QjlEncodeArgs a;
+    fill_target(a, c, s, c.f16 ? static_cast<const void*>(dxh.p) : dx.p, dpos.p, dpool.p, dpages.p);
+    kvq::cuda::set_qjl_codec(a, codec, c.B);
+    a.sketch = dS.p;
+    const auto ok = kvq::cuda::can_implement(a);
+    EXPECT_TRUE(ok.ok) << ok.message;
+    cudaStream_t st;
+    KVQ_CUDA_CHECK(cudaStreamCreate(&st));
+    if (graph) {
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        KVQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        kvq::cuda::launch_qjl_encode(a, st);
+        KVQ_CUDA_CHECK(cudaStreamEndCapture(st, &g));
+        KVQ_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
+        KVQ_CUDA_CHECK(cudaGraphExecDestroy(ge));
+        KVQ_CUDA_CHECK(cudaGraphDestroy(g));
+    } else {
+        kvq::cuda::launch_qjl_encode(a, st);
+    }
+    KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
+    KVQ_CUDA_CHECK(cudaStreamDestroy(st));
+    std::vector<std::uint8_t> got(s.pool.size());
+    KVQ_CUDA_CHECK(cudaMemcpy(got.data(), dpool.p, got.size(), cudaMemcpyDeviceToHost));
+
+    // Inverse page map: block id -> (b, h, page index).
+    std::vector<std::array<int, 3>> owner(s.pool.size() / s.block_bytes, {-1, -1, -1});
+    for (int b = 0; b < c.batch; ++b)
+        for (int h = 0; h < c.H; ++h)
+            for (int pg = 0; pg + 1 < s.stride; ++pg) owner[s.pages[(std::size_t(b) * c.H + h) * s.stride + pg]] = {b, h, pg};
+    QjlResult res;
+    res.total_bits = static_cast<long long>(c.batch) * c.n * c.H * (c.m + codec.outlier_bits());
+    const auto& S = codec.sketch();
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        if (got[i] == ref[i]) continue;
+        const std::size_t blk = i / s.block_bytes, off = i % s.block_bytes;
+        const auto [b, h, pg] = owner[blk];
+        if (b < 0 || off >= l.token_side_offset()) {  // only code bytes may differ
+            ++res.bad;
+            ADD_FAILURE() << "byte " << i << " (block " << blk << ", offset " << off << ") differs outside sign codes";
+            continue;
+        }
+        const int tok = static_cast<int>(off / l.code_bytes), byte = static_cast<int>(off % l.code_bytes);
+        const int t = pg * c.B + tok - c.pos0[b];
+        if (t < 0 || t >= c.n) {
+            ++res.bad;
+            ADD_FAILURE() << "untouched token changed at block " << blk;
+            continue;
+        }
+        const float* x = &s.x[((std::size_t(b) * c.n + t) * c.H + h) * c.d];
+        // Outlier channels of the token's group (from the reference bytes).
+        std::vector<int> outl;
+        if (c.ko > 0) {
+            const std::uint8_t* ids = &ref[blk * s.block_bytes + l.block_side_offset() + std::size_t(tok / 32) * c.ko];
+            outl.assign(ids, ids + c.ko);
+        }
+        const unsigned diff = got[i] ^ ref[i];
+        for (int bit = 0; bit < 8; ++bit) {
+            if (!((diff >> bit) & 1u)) continue;
+            const int jj = byte * 8 + bit;
+            const bool is_out = jj >= c.m;
+            const int j = is_out ? jj - c.m : jj;
+            double pj = 0, sa = 0;
+            for (int ch = 0; ch < c.d; ++ch) {
+                const bool o = std::find(outl.begin(), outl.end(), ch) != outl.end();
+                if (o != is_out) continue;
+                const double term = double(S[std::size_t(j) * c.d + ch]) * x[ch];
+                pj += term;
+                sa += std::fabs(term);
+            }
+            const double bound = c.d * std::ldexp(1.0, -23) * sa;
+            if (std::fabs(pj) <= bound) {
+                ++res.near_zero_bits;
+            } else {
+                ++res.bad;
+                ADD_FAILURE() << "sign bit " << jj << " of token " << t << " head " << h << " differs: projection " << pj
+                              << " bound " << bound << " gpu " << ((got[i] >> bit) & 1) << " cpu " << ((ref[i] >> bit) & 1);
+            }
+        }
+    }
+    return res;
+}
+
+void run_tokenwise(const EncCase& c) {
+    const kvq::TokenwiseCodec codec(kvq::TokenwiseParams{c.d, c.bits, c.group});
+    const kvq::BlockLayout l = codec.layout(c.B);
+    Setup s = make_setup(c, l);
+    std::mt19937 rng(c.seed + 99);
+    std::uniform_real_distribution<float> ud(0.5f, 2.f), us(-0.5f, 0.5f);
+    std::vector<float> shift(std::size_t(c.H) * c.d), scale(shift.size());
+    for (auto& v : shift) v = us(rng);
+    for (auto& v : scale) v = ud(rng);
+    std::vector<float> sm(c.d);
+    std::vector<std::uint8_t> ref = s.pool;
+    cpu_encode(c, s, ref, 1, [&](int h, const float* x, int n, std::uint8_t* blk, int first) {
+        if (!c.wkv) return codec.encode(x, n, blk, c.B, first);
+        std::vector<float> xs(std::size_t(n) * c.d);
+        const std::vector<float> sh(shift.begin() + std::size_t(h) * c.d, shift.begin() + std::size_t(h + 1) * c.d);
+        const std::vector<float> sc(scale.begin() + std::size_t(h) * c.d, scale.begin() + std::size_t(h + 1) * c.d);
+        kvq::wkv_smooth_rows(x, n, sh, sc, xs.data());
+        codec.encode(xs.data(), n, blk, c.B, first);
+    });
+    Dev<float> dx(c.f16 ? std::vector<float>{} : s.x);
+    Dev<std::uint16_t> dxh(s.xh);
+    Dev<int> dpos(c.pos0);
+    Dev<std::uint8_t> dpool(s.pool);
+    Dev<std::uint32_t> dpages(s.pages);
+    Dev<float> dshift(shift), dscale(scale);
+    kvq::cuda::TokenwiseEncodeArgs a;
+    fill_target(a, c, s, c.f16 ? static_cast<const void*>(dxh.p) : dx.p, dpos.p, dpool.p, dpages.p);
+    kvq::cuda::set_tokenwise_codec(a, codec, c.B);
+    if (c.wkv) {
+        a.shift = dshift.p;
+        a.scale = dscale.p;
+    }
+    kvq::cuda::launch_tokenwise_encode(a, nullptr);
+    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<std::uint8_t> got(s.pool.size());
+    KVQ_CUDA_CHECK(cudaMemcpy(got.data(), dpool.p, got.size(), cudaMemcpyDeviceToHost));
+    std::size_t diffs = 0, first = 0;
+    for (std::size_t i = 0; i < got.size(); ++i)
+        if (got[i] != ref[i] && diffs++ == 0) first = i;
+    EXPECT_EQ(diffs, 0u) << "first differing byte " << first << " (block " << first / s.block_bytes << " offset "
+                         << first % s.block_bytes << ")";
+}
+
+}  // namespace
+
+TEST(GpuEncode, TokenwiseMatchesCpuBytes) {
+    for (int d : {64, 128, 256})
+        for (int bits : {2, 4, 8})
+            for (int group : {d / 32, 32, d})
+                for (bool f16 : {false, true}) {
+                    EncCase c;
+                    c.d = d;
+                    c.bits = bits;
+                    c.group = group;
+                    c.f16 = f16;
+                    c.H = 3;
+                    c.batch = 2;
+                    c.n = 37;
+                    c.B = 16;
+                    c.pos0 = {5, 16};
+                    c.seed = d * 100 + bits * 10 + group + f16;
+                    SCOPED_TRACE(testing::Message() << "d " << d << " bits " << bits << " group " << group << " f16 " << f16);
+                    run_tokenwise(c);
+                }
+}
+
+TEST(GpuEncode, WkvSmoothedMatchesCpuBytes) {
+    for (int bits : {2, 4, 8})
+        for (bool f16 : {false, true}) {
+            EncCase c;
+            c.bits = bits;
+            c.group = 128;
+            c.wkv = true;
+            c.f16 = f16;
+            c.H = 4;
+            c.batch = 3;
+            c.n = 100;
+            c.pos0 = {0, 63, 130};
+            c.seed = 7 + bits;
+            SCOPED_TRACE(testing::Message() << "bits " << bits << " f16 " << f16);
+            run_tokenwise(c);
+        }
+    EncCase c;  // decode step: one token per sequence
+    c.wkv = true;
+    c.group = 128;
+    c.n = 1;
+    c.batch = 4;
+    c.pos0 = {0, 1, 63, 64};
+    run_tokenwise(c);
+}
+
+TEST(GpuEncode, QjlMatchesCpuBytes) {
+    struct S {
+        int d, m, B, n, H, batch;
+        std::vector<int> pos0;
+        kvq::SketchKind k;
+    };
+    const std::vector<S> shapes = {{128, 256, 64, 77, 4, 2, {0, 45}, kvq::SketchKind::BlockOrthogonal},
+                                   {64, 128, 16, 33, 3, 2, {7, 16}, kvq::SketchKind::Gaussian},
+                                   {256, 512, 32, 20, 5, 1, {31}, kvq::SketchKind::BlockOrthogonal},
+                                   {128, 96, 128, 1, 2, 3, {0, 127, 300}, kvq::SketchKind::Gaussian},
+                                   {128, 512, 64, 64, 1, 1, {64}, kvq::SketchKind::Gaussian}};
+    long long nz = 0, tot = 0;
+    for (const auto& sh : shapes)
+        for (bool f16 : {false, true}) {
+            EncCase c;
+            c.d = sh.d;
+            c.m = sh.m;
+            c.B = sh.B;
+            c.n = sh.n;
+            c.H = sh.H;
+            c.batch = sh.batch;
+            c.pos0 = sh.pos0;
+            c.sketch = sh.k;
+            c.f16 = f16;
+            c.seed = sh.d + sh.m + f16;
+            SCOPED_TRACE(testing::Message() << "d " << sh.d << " m " << sh.m << " B " << sh.B << " f16 " << f16);
+            const QjlResult r = run_qjl(c);
+            EXPECT_EQ(r.bad, 0);
+            nz += r.near_zero_bits;
+            tot += r.total_bits;
+        }
+    std::printf("[qjl encode] near-zero sign differences: %lld of %lld bits\n", nz, tot);
+}
+
+TEST(GpuEncode, QjlOutliersMatchCpuBytes) {
+    for (bool f16 : {false, true})
+        for (int d : {64, 128, 256}) {
+            EncCase c;
+            c.d = d;
+            c.m = d == 64 ? 128 : 256;
+            c.mo = d == 64 ? 64 : 256;
+            c.ko = d == 64 ? 4 : 8;
+            c.B = 64;
+            c.n = 96;
+            c.H = 3;
+            c.batch = 2;
+            c.pos0 = {0, 32};
+            c.f16 = f16;
+            c.seed = 500 + d + f16;
+            SCOPED_TRACE(testing::Message() << "d " << d << " f16 " << f16);
+            const QjlResult r = run_qjl(c);
+            EXPECT_EQ(r.bad, 0);
+            std::printf("[qjl encode, outliers d=%d f16=%d] near-zero sign differences: %lld of %lld bits\n", d, int(f16),
+                        r.near_zero_bits, r.total_bits);
+        }
+}
+
+// Random keys: the fraction of near-zero sign differences must stay below 1e-6.
+TEST(GpuEncode, QjlNearZeroFractionBelow1e6) {
+    for (int ko : {0, 8}) {
+        EncCase c;
+        c.d = 128;
+        c.m = 256;
+        c.ko = ko;
+        c.mo = ko ? 256 : 0;
+        c.H = 8;
+        c.batch = 1;
+        c.n = 4096;
+        c.pos0 = {0};
+        c.seed = 42 + ko;
+        const QjlResult r = run_qjl(c);
+        EXPECT_EQ(r.bad, 0);
+        const double frac = double(r.near_zero_bits) / double(r.total_bits);
+        std::printf("[qjl encode, outliers %d] near-zero sign differences: %lld of %lld bits (%.2e)\n", ko, r.near_zero_bits,
+                    r.total_bits, frac);
+        EXPECT_LT(frac, 1e-6);
+    }
+}
+
+// Keys equal to sketch rows: in exact arithmetic most projections onto the other rows of the same
+// orthogonal block are 0, so the float results are rounding noise. The GPU takes the sign of the
+// exact projection there; every difference must be inside the CPU's rounding bound.
+TEST(GpuEncode, QjlAdversarialNearZeroOnlyWithinRounding) {
+    EncCase c;
+    c.H = 2;
+    c.batch = 1;
+    c.n = 256;
+    c.pos0 = {0};
+    c.adversarial = true;
+    const QjlResult r = run_qjl(c);
+    EXPECT_EQ(r.bad, 0);
+    std::printf("[qjl encode, adversarial] near-zero sign differences: %lld of %lld bits\n", r.near_zero_bits, r.total_bits);
+}
+
+TEST(GpuEncode, QjlInsideCudaGraph) {
+    EncCase c;
+    c.ko = 8;
+    c.mo = 256;
+    c.n = 64;
+    c.pos0 = {0, 64};
+    const QjlResult r = run_qjl(c, true);
+    EXPECT_EQ(r.bad, 0);
+}
+
+TEST(GpuEncode, CanImplementRejects) {
+    kvq::cuda::TokenwiseEncodeArgs a;
+    const kvq::TokenwiseCodec c3(kvq::TokenwiseParams{128, 3, 32});
+    a.n_kv_heads = 1;
+    a.batch = 1;
+    kvq::cuda::set_tokenwise_codec(a, c3, 64);
+    EXPECT_FALSE(kvq::cuda::can_implement(a).ok);
+    const kvq::TokenwiseCodec c4(kvq::TokenwiseParams{128, 4, 2});
+    kvq::cuda::set_tokenwise_codec(a, c4, 64);
+    EXPECT_FALSE(kvq::cuda::can_implement(a).ok);
+    kvq::cuda::QjlEncodeArgs q;
+    kvq::QjlParams p;
+    p.outliers = 8;
+    const kvq::QjlKeyCodec qc(p);
+    q.n_kv_heads = 1;
+    q.batch = 1;
+    kvq::cuda::set_qjl_codec(q, qc, 64);
+    q.n_tokens = 33;  // not a multiple of the 32-token group
+    EXPECT_FALSE(kvq::cuda::can_implement(q).ok);
+    EXPECT_THROW(kvq::cuda::launch_qjl_encode(q, nullptr), kvq::Error);
+}
