@@ -15,3 +15,7 @@
 #include "kvq/cache/block_pool.hpp"
 #include "kvq/cache/kv_cache.hpp"
 #include "kvq/cache/attention.hpp"
+#include "kvq/weights/w4_quant.hpp"
+#include "kvq/io/w4_file.hpp"
+#include "kvq/calibration/block_grad.hpp"
+#include "kvq/calibration/crr.hpp"

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <span>
 #include <string>
 #include <utility>
@@ -18,6 +19,7 @@
 
 #include "kvq/core/error.hpp"
 #include "kvq/io/llama2c.hpp"
+#include "kvq/weights/w4_quant.hpp"
 
 namespace kvq::model {
 
@@ -87,8 +89,7 @@ inline void softmax(float* x, int n) {
 // frequency depends on its offset inside the head: theta^-((i % head_dim) / head_dim).
 inline void rope(float* x, int n, int head_dim, int pos, float theta) {
     for (int i = 0; i < n; i += 2) {
-        const float freq =
-            1.0f / std::pow(theta, static_cast<float>(i % head_dim) / static_cast<float>(head_dim));
+        const float freq = 1.0f / std::pow(theta, static_cast<float>(i % head_dim) / static_cast<float>(head_dim));
         const float angle = static_cast<float>(pos) * freq;
         const float c = std::cos(angle), s = std::sin(angle);
         const float x0 = x[i], x1 = x[i + 1];
@@ -111,11 +112,11 @@ inline int argmax(std::span<const float> v) {
 inline void validate_config(const LlamaConfig& c) {
     KVQ_CHECK(c.dim > 0 && c.hidden_dim > 0 && c.n_layers > 0 && c.n_heads > 0 && c.n_kv_heads > 0 &&
                   c.vocab_size > 0 && c.seq_len > 0,
-              "llama config: non-positive field (dim=", c.dim, " hidden_dim=", c.hidden_dim, " n_layers=",
-              c.n_layers, " n_heads=", c.n_heads, " n_kv_heads=", c.n_kv_heads, " vocab_size=", c.vocab_size,
+              "llama config: non-positive field (dim=", c.dim, " hidden_dim=", c.hidden_dim, " n_layers=", c.n_layers,
+              " n_heads=", c.n_heads, " n_kv_heads=", c.n_kv_heads, " vocab_size=", c.vocab_size,
               " seq_len=", c.seq_len, ")");
-    KVQ_CHECK(c.dim % c.n_heads == 0 && c.head_dim == c.dim / c.n_heads, "llama config: head_dim = ",
-              c.head_dim, " but dim / n_heads = ", c.dim, " / ", c.n_heads);
+    KVQ_CHECK(c.dim % c.n_heads == 0 && c.head_dim == c.dim / c.n_heads, "llama config: head_dim = ", c.head_dim,
+              " but dim / n_heads = ", c.dim, " / ", c.n_heads);
     KVQ_CHECK(c.head_dim % 2 == 0, "llama config: head_dim = ", c.head_dim, " is odd (RoPE needs pairs)");
     KVQ_CHECK(c.n_heads % c.n_kv_heads == 0, "llama config: n_heads = ", c.n_heads,
               " is not a multiple of n_kv_heads = ", c.n_kv_heads);
@@ -184,8 +185,8 @@ public:
 private:
     std::size_t kv_dim() const { return static_cast<std::size_t>(n_kv_heads_) * head_dim_; }
     std::size_t checked_layer(int layer) const {
-        KVQ_CHECK(layer >= 0 && static_cast<std::size_t>(layer) < keys_.size(), "Fp32AttentionBackend: layer ",
-                  layer, " is outside [0, ", keys_.size(), ")");
+        KVQ_CHECK(layer >= 0 && static_cast<std::size_t>(layer) < keys_.size(), "Fp32AttentionBackend: layer ", layer,
+                  " is outside [0, ", keys_.size(), ")");
         return static_cast<std::size_t>(layer);
     }
 
@@ -201,7 +202,7 @@ public:
     // Called once per layer per forward() with the post-RoPE q, k, v just before attention.
     using QkvObserver = std::function<void(int layer, int pos, const float* q, const float* k, const float* v)>;
 
-    LlamaModel(LlamaConfig config, LlamaWeights weights) : c_(std::move(config)), w_(std::move(weights)) {
+    LlamaModel(LlamaConfig config, LlamaWeights weights) : c_(config), w_(std::move(weights)) {
         validate_config(c_);
         const std::size_t dim = c_.dim, hid = c_.hidden_dim, kvd = c_.kv_dim(), vocab = c_.vocab_size;
         auto expect = [](const std::vector<float>& t, std::size_t n, const char* name, int layer) {
@@ -226,8 +227,8 @@ public:
         expect(w_.rms_final, dim, "rms_final", -1);
         if (!c_.shared_classifier) expect(w_.wcls, vocab * dim, "wcls", -1);
         // A shared config with a separate wcls (or vice versa) would silently use the wrong matrix.
-        KVQ_CHECK(c_.shared_classifier == w_.wcls.empty(), "LlamaModel: shared_classifier = ",
-                  c_.shared_classifier, " but wcls has ", w_.wcls.size(), " values");
+        KVQ_CHECK(c_.shared_classifier == w_.wcls.empty(), "LlamaModel: shared_classifier = ", c_.shared_classifier,
+                  " but wcls has ", w_.wcls.size(), " values");
     }
 
     const LlamaConfig& config() const { return c_; }
@@ -236,17 +237,43 @@ public:
     // Use matvec_fast (8 partial sums) instead of run.c's sequential dot products.
     void set_fast_matvec(bool on) { fast_matvec_ = on; }
     bool fast_matvec() const { return fast_matvec_; }
+    // Run the seven linear layers of every block on packed 4-bit weights (kvq/weights/w4_quant.hpp);
+    // nullptr returns to the fp32 weights. Embedding, norms and classifier stay fp32.
+    void set_w4(std::shared_ptr<const wq::W4Model> w4) {
+        if (w4) {
+            KVQ_CHECK(w4->layers.size() == std::size_t(c_.n_layers), "LlamaModel::set_w4: ", w4->layers.size(),
+                      " quantized layers for n_layers = ", c_.n_layers);
+            for (int l = 0; l < c_.n_layers; ++l)
+                for (int i = 0; i < wq::kBlockLinears; ++i) {
+                    const auto [r, k] = wq::block_linear_shape(c_, i);
+                    const wq::W4Matrix& m = w4->layers[std::size_t(l)].m[i];
+                    KVQ_CHECK(m.rows == r && m.cols == k, "LlamaModel::set_w4: layer ", l, " ", wq::kLinearNames[i],
+                              " is ", m.rows, "x", m.cols, ", the model needs ", r, "x", k);
+                }
+        }
+        w4_ = std::move(w4);
+    }
+    const wq::W4Model* w4() const { return w4_.get(); }
 
     // Logits [vocab_size] for `token` at position `pos`; the backend must already hold 0..pos-1.
     std::vector<float> forward(int token, int pos, AttentionBackend& backend) const {
-        KVQ_CHECK(token >= 0 && token < c_.vocab_size, "LlamaModel::forward: token ", token,
-                  " is outside [0, ", c_.vocab_size, ")");
-        KVQ_CHECK(pos >= 0 && pos < c_.seq_len, "LlamaModel::forward: pos ", pos, " is outside [0, seq_len = ",
-                  c_.seq_len, ")");
+        KVQ_CHECK(token >= 0 && token < c_.vocab_size, "LlamaModel::forward: token ", token, " is outside [0, ",
+                  c_.vocab_size, ")");
+        KVQ_CHECK(pos >= 0 && pos < c_.seq_len, "LlamaModel::forward: pos ", pos,
+                  " is outside [0, seq_len = ", c_.seq_len, ")");
         const int dim = c_.dim, hid = c_.hidden_dim, kvd = c_.kv_dim();
         auto matvec = [this](float* o, const float* w, const float* x, int rows, int cols) {
-            if (fast_matvec_) model::matvec_fast(o, w, x, rows, cols);
-            else model::matvec(o, w, x, rows, cols);
+            if (fast_matvec_)
+                model::matvec_fast(o, w, x, rows, cols);
+            else
+                model::matvec(o, w, x, rows, cols);
+        };
+        // Block linear i (wq wk wv wo w1 w2 w3) of layer l: packed 4-bit when set_w4 gave weights.
+        auto linear = [&](int l, int i, float* o, const std::vector<float>& w, const float* x, int rows, int cols) {
+            if (w4_)
+                wq::matvec(o, w4_->layers[static_cast<std::size_t>(l)].m[i], x);
+            else
+                matvec(o, w.data(), x, rows, cols);
         };
         const float* emb = w_.token_embedding.data() + static_cast<std::size_t>(token) * dim;
         std::vector<float> x(emb, emb + dim);  // residual stream
@@ -256,25 +283,25 @@ public:
             const auto& L = w_.layers[static_cast<std::size_t>(l)];
             // Attention block: pre-norm, projections, RoPE on q and k, backend attention, wo.
             rmsnorm(xb.data(), x.data(), L.rms_att.data(), dim, c_.norm_eps);
-            matvec(q.data(), L.wq.data(), xb.data(), dim, dim);
-            matvec(k.data(), L.wk.data(), xb.data(), kvd, dim);
-            matvec(v.data(), L.wv.data(), xb.data(), kvd, dim);
+            linear(l, 0, q.data(), L.wq, xb.data(), dim, dim);
+            linear(l, 1, k.data(), L.wk, xb.data(), kvd, dim);
+            linear(l, 2, v.data(), L.wv, xb.data(), kvd, dim);
             rope(q.data(), dim, c_.head_dim, pos, c_.rope_theta);
             rope(k.data(), kvd, c_.head_dim, pos, c_.rope_theta);
             if (observer_) observer_(l, pos, q.data(), k.data(), v.data());
             backend.decode(l, pos, q.data(), k.data(), v.data(), att.data());
-            matvec(xb2.data(), L.wo.data(), att.data(), dim, dim);
+            linear(l, 3, xb2.data(), L.wo, att.data(), dim, dim);
             for (int i = 0; i < dim; ++i) x[i] += xb2[i];
 
             // SwiGLU FFN: w2(silu(w1 x) * w3 x).
             rmsnorm(xb.data(), x.data(), L.rms_ffn.data(), dim, c_.norm_eps);
-            matvec(hb.data(), L.w1.data(), xb.data(), hid, dim);
-            matvec(hb2.data(), L.w3.data(), xb.data(), hid, dim);
+            linear(l, 4, hb.data(), L.w1, xb.data(), hid, dim);
+            linear(l, 6, hb2.data(), L.w3, xb.data(), hid, dim);
             for (int i = 0; i < hid; ++i) {
                 const float silu = hb[i] * (1.0f / (1.0f + std::exp(-hb[i])));
                 hb[i] = silu * hb2[i];
             }
-            matvec(xb.data(), L.w2.data(), hb.data(), dim, hid);
+            linear(l, 5, xb.data(), L.w2, hb.data(), dim, hid);
             for (int i = 0; i < dim; ++i) x[i] += xb[i];
         }
 
@@ -319,8 +346,7 @@ public:
         KVQ_CHECK(tokens.size() <= static_cast<std::size_t>(c_.seq_len), "sequence_nll: ", tokens.size(),
                   " tokens exceed seq_len = ", c_.seq_len);
         for (int t : tokens)  // check the targets too, not only the inputs forward() sees
-            KVQ_CHECK(t >= 0 && t < c_.vocab_size, "sequence_nll: token ", t, " is outside [0, ", c_.vocab_size,
-                      ")");
+            KVQ_CHECK(t >= 0 && t < c_.vocab_size, "sequence_nll: token ", t, " is outside [0, ", c_.vocab_size, ")");
         backend.reset();
         double nll = 0.0;
         for (std::size_t pos = 0; pos + 1 < tokens.size(); ++pos) {
@@ -340,6 +366,7 @@ private:
     LlamaWeights w_;
     QkvObserver observer_;
     bool fast_matvec_ = false;
+    std::shared_ptr<const wq::W4Model> w4_;
 };
 
 }  // namespace kvq::model
