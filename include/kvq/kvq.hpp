@@ -16,6 +16,7 @@
 #include "kvq/cache/kv_cache.hpp"
 #include "kvq/cache/attention.hpp"
 #include "kvq/weights/w4_quant.hpp"
+#include "kvq/weights/w4_grid.hpp"
 #include "kvq/io/w4_file.hpp"
 #include "kvq/calibration/block_grad.hpp"
 #include "kvq/calibration/crr.hpp"

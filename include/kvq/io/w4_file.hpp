@@ -30,6 +30,7 @@
 #include "kvq/core/error.hpp"
 #include "kvq/io/kv_params_file.hpp"
 #include "kvq/io/llama2c.hpp"
+#include "kvq/weights/w4_grid.hpp"
 #include "kvq/weights/w4_quant.hpp"
 
 namespace kvq::io {
@@ -223,7 +224,8 @@ inline W4Calibration load_w4_calibration(const std::string& path) {
     }
 }
 
-// kvq-llama's --weights SPEC: "fp32" (none) | "w4=rtn" | "w4=rtn,g=G" | "w4=crr:FILE" | "w4=lwc-local:FILE"
+// kvq-llama's --weights SPEC: "fp32" (none) | "w4=rtn[,g=G]" | "w4=grid[,g=G]" (gradient-free clipping
+// search, kvq/weights/w4_grid.hpp) | "w4=crr:FILE" | "w4=lwc-local:FILE"
 // (the FILE's objective must match the name). Returns nullptr for fp32; KV params of the file, if
 // any, in *kv_out.
 inline std::shared_ptr<const wq::W4Model> make_w4_weights(const std::string& spec, const LlamaConfig& c,
@@ -231,12 +233,15 @@ inline std::shared_ptr<const wq::W4Model> make_w4_weights(const std::string& spe
                                                           std::optional<WkvParams>* kv_out = nullptr) {
     if (spec.empty() || spec == "fp32") return nullptr;
     KVQ_CHECK(spec.rfind("w4=", 0) == 0,
-              "--weights: expected fp32 | w4=rtn[,g=G] | w4=crr:FILE | w4=lwc-local:FILE, got '", spec, "'");
+              "--weights: expected fp32 | w4=rtn[,g=G] | w4=grid[,g=G] | w4=crr:FILE | w4=lwc-local:FILE, got '", spec,
+              "'");
     const std::string rest = spec.substr(3);
-    if (rest == "rtn" || rest.rfind("rtn,g=", 0) == 0) {
+    // "rtn" / "grid" with an optional ",g=G": no calibration file.
+    for (const std::string method : {"rtn", "grid"}) {
+        if (rest != method && rest.rfind(method + ",g=", 0) != 0) continue;
         int g = 128;
-        if (rest.size() > 3) {
-            const std::string gs = rest.substr(6);
+        if (rest.size() > method.size()) {
+            const std::string gs = rest.substr(method.size() + 3);
             std::size_t used = 0;
             try {
                 g = std::stoi(gs, &used);
@@ -245,7 +250,8 @@ inline std::shared_ptr<const wq::W4Model> make_w4_weights(const std::string& spe
             }
             KVQ_CHECK(used == gs.size() && !gs.empty() && g >= 0 && g <= 65536, "--weights: bad group '", gs, "'");
         }
-        return std::make_shared<const wq::W4Model>(wq::quantize_model(c, w, g));
+        if (method == "rtn") return std::make_shared<const wq::W4Model>(wq::quantize_model(c, w, g));
+        return std::make_shared<const wq::W4Model>(wq::quantize_model(c, w, g, wq::grid_search_model(c, w, g)));
     }
     const auto colon = rest.find(':');
     KVQ_CHECK(colon != std::string::npos, "--weights: '", spec, "' needs a calibration file (w4=crr:FILE)");
