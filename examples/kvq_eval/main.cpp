@@ -24,12 +24,16 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include <unistd.h>
+
 #include <Eigen/Dense>
 
+#include "kvq/core/progress.hpp"
 #include "kvq/eval/method_spec.hpp"
 #include "kvq/io/json.hpp"
 #include "kvq/io/safetensors.hpp"
@@ -78,6 +82,8 @@ Methods:
   --block B          tokens per cache block, a power of two (default 64)
 
 Output:
+  --progress         progress bar on stderr even when stderr is not a terminal (default: only on
+                     a terminal); --no-progress turns it off. Never written to stdout.
   --json             one JSON object instead of the table:
                      {"methods":[{"name", "bits_per_element", "key_bits_per_element",
                       "value_bits_per_element", "score_rel_err", "attn_rel_err", "seconds",
@@ -110,6 +116,7 @@ struct Options {
     int window = 0;
     int block = 64;
     bool json = false;
+    int progress = -1;   // 1: --progress, 0: --no-progress, -1: when stderr is a terminal
     int max_tokens = 0;  // 0: all
     int tokens = -1, layers = -1;
     bool seed_given = false;
@@ -144,6 +151,9 @@ bool parse_args(int argc, char** argv, Options& o) {
         } else if (a == "--json") {
             no_value();
             o.json = true;
+        } else if (a == "--progress" || a == "--no-progress") {
+            no_value();
+            o.progress = a == "--progress" ? 1 : 0;
         } else if (a == "--kv") {
             o.kv_path = take();
             if (o.kv_path.empty()) usage_error("--kv needs a file name");
@@ -576,12 +586,26 @@ int run(const Options& o) {
     const int calib_tokens = calibrates ? w.tokens / 2 : 0, metric_from = calib_tokens;
     KVQ_CHECK(!calibrates || calib_tokens >= 2, "WKV calibration needs at least 4 tokens (half for calibration), got ", w.tokens);
     double reference_seconds = 0;
+    // Progress on stderr (layers x (reference + methods) steps), only for a terminal or --progress.
+    std::optional<kvq::ProgressMeter> meter;
+    if (o.progress == 1 || (o.progress == -1 && ::isatty(2)))
+        meter.emplace("kvq-eval", std::uint64_t(w.layers) * (methods.size() + 1));
+    std::uint64_t steps = 0;
+    const auto tick = [&] {
+        ++steps;
+        if (meter && meter->due(steps)) std::fputs(meter->render(steps).c_str(), stderr);
+    };
     for (int l = 0; l < w.layers; ++l) {
         const auto t0 = Clock::now();
         const Reference ref = reference(w.data[l], w.tokens, w.kv_heads, w.q_heads, w.head_dim);
         reference_seconds += seconds_since(t0);
-        for (std::size_t i = 0; i < methods.size(); ++i) run_layer(methods[i], w.data[l], ref, w, o.block, metric_from, calib_tokens, results[i]);
+        tick();
+        for (std::size_t i = 0; i < methods.size(); ++i) {
+            run_layer(methods[i], w.data[l], ref, w, o.block, metric_from, calib_tokens, results[i]);
+            tick();
+        }
     }
+    if (meter) std::fputs(meter->finish().c_str(), stderr);
 
     if (o.json) print_json(w, o, results, metric_from, calib_tokens);
     else print_table(w, o, results, seconds_since(t_start), reference_seconds, metric_from, calib_tokens);
