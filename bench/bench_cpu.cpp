@@ -15,9 +15,9 @@
 #include <memory>
 #include <random>
 
-#include "kvq/kvq.hpp"
 #include "bench_util.hpp"
 #include "kvq/cpu/thread_pool.hpp"
+#include "kvq/kvq.hpp"
 
 namespace {
 
@@ -164,7 +164,8 @@ void BM_DecodeAttention(benchmark::State& st) {
     st.counters["cache_MB"] = bytes / 1e6;
     st.counters["wall_ms"] = 1e3 * wall / double(st.iterations());
     // Fraction of the measured read bandwidth (same thread count) that the cache's bytes take.
-    if (g_bandwidth[threads] > 0) st.counters["bw_frac"] = bytes / (wall / double(st.iterations())) / g_bandwidth[threads];
+    if (g_bandwidth[threads] > 0)
+        st.counters["bw_frac"] = bytes / (wall / double(st.iterations())) / g_bandwidth[threads];
     st.SetBytesProcessed(static_cast<std::int64_t>(bytes * double(st.iterations())));
 }
 

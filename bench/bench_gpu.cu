@@ -33,13 +33,13 @@
 
 namespace {
 
-#define CUBLAS_CHECK(expr)                                                                   \
-    do {                                                                                     \
-        cublasStatus_t s_ = (expr);                                                          \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                   \
-            std::fprintf(stderr, "cuBLAS error %d in %s\n", static_cast<int>(s_), #expr);    \
-            std::exit(1);                                                                    \
-        }                                                                                    \
+#define CUBLAS_CHECK(expr)                                                                \
+    do {                                                                                  \
+        cublasStatus_t s_ = (expr);                                                       \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                \
+            std::fprintf(stderr, "cuBLAS error %d in %s\n", static_cast<int>(s_), #expr); \
+            std::exit(1);                                                                 \
+        }                                                                                 \
     } while (0)
 
 constexpr std::size_t kL2Exceed = 200ull << 20;  // rotate over at least this many bytes (L2 is 50 MB)
@@ -126,9 +126,12 @@ int main(int argc, char** argv) {
     int runs = 50, only_tokens = 0;
     bool blas_on = true;
     for (int i = 1; i < argc; ++i) {
-        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc) runs = std::max(1, std::atoi(argv[++i]));
-        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc) only_tokens = std::atoi(argv[++i]);
-        else if (!std::strcmp(argv[i], "--no-cublas")) blas_on = false;
+        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
+            runs = std::max(1, std::atoi(argv[++i]));
+        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc)
+            only_tokens = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--no-cublas"))
+            blas_on = false;
         else {
             std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--no-cublas]\n", argv[0]);
             return 2;
@@ -256,7 +259,8 @@ int main(int argc, char** argv) {
                 std::vector<__half> kh(std::size_t(H) * T * d), qh(q.size());
                 std::vector<__half> pattern(1 << 20);
                 for (auto& v : pattern) v = __float2half(nd(rng));
-                for (std::size_t i = 0; i < kh.size(); ++i) kh[i] = pattern[(i * 7 + i / pattern.size()) % pattern.size()];
+                for (std::size_t i = 0; i < kh.size(); ++i)
+                    kh[i] = pattern[(i * 7 + i / pattern.size()) % pattern.size()];
                 for (std::size_t i = 0; i < q.size(); ++i) qh[i] = __float2half(q[i]);
                 KVQ_CUDA_CHECK(cudaMalloc(&d_qh, qh.size() * 2));
                 KVQ_CUDA_CHECK(cudaMemcpy(d_qh, qh.data(), qh.size() * 2, cudaMemcpyHostToDevice));
@@ -269,8 +273,8 @@ int main(int argc, char** argv) {
             const float one = 1.f, zero = 0.f;
             const Timing blas_us = time_runs(runs, bcopies, [&](int c) {
                 // Column-major: K_h is d x T (ld d); C (T x 1) = K_h^T (T x d) * q_h (d x 1).
-                CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, T, 1, d, &one, K[c], CUDA_R_16F, d,
-                                                        std::int64_t(T) * d, d_qh, CUDA_R_16F, d, d, &zero, S[c],
+                CUBLAS_CHECK(cublasGemmStridedBatchedEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, T, 1, d, &one, K[c], CUDA_R_16F,
+                                                        d, std::int64_t(T) * d, d_qh, CUDA_R_16F, d, d, &zero, S[c],
                                                         CUDA_R_32F, T, T, H, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
             });
             KVQ_CUDA_CHECK(cudaDeviceSynchronize());
@@ -286,18 +290,23 @@ int main(int argc, char** argv) {
         KVQ_CUDA_CHECK(cudaFree(d_q));
     }
 
-    std::printf("\nQJL score, batch 1, H_q = H_kv = %d, d = %d, m = %d (m_o = 256 with outliers), B = %d; median of %d runs\n",
-                H, d, m, B, runs);
+    std::printf(
+        "\nQJL score, batch 1, H_q = H_kv = %d, d = %d, m = %d (m_o = 256 with outliers), B = %d; median of %d runs\n",
+        H, d, m, B, runs);
     std::printf("copy bandwidth %.0f GB/s\n", copy_gbs);
-    std::printf("QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
-                "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
-                "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n\n");
-    std::printf("| outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | cuBLAS graph us | cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
+    std::printf(
+        "QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
+        "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
+        "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n\n");
+    std::printf(
+        "| outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | cuBLAS graph us "
+        "| cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
     std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : rows) {
-        const double gbs = r.qjl_bytes / (r.qjl.graph_us * 1e-6) / 1e9, bgbs = r.blas_bytes / (r.blas.graph_us * 1e-6) / 1e9;
-        std::printf("| %d | %d | %.1f | %.1f | %.2f | %.0f | %.0f%% | %.1f | %.1f | %.1f | %.1f | %.0f | %.2fx |\n", r.outliers,
-                    r.T, r.qjl.median_us, r.qjl.graph_us, r.qjl_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+        const double gbs = r.qjl_bytes / (r.qjl.graph_us * 1e-6) / 1e9,
+                     bgbs = r.blas_bytes / (r.blas.graph_us * 1e-6) / 1e9;
+        std::printf("| %d | %d | %.1f | %.1f | %.2f | %.0f | %.0f%% | %.1f | %.1f | %.1f | %.1f | %.0f | %.2fx |\n",
+                    r.outliers, r.T, r.qjl.median_us, r.qjl.graph_us, r.qjl_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
                     r.qjl_bytes / (copy_gbs * 1e9) * 1e6, r.blas.median_us, r.blas.graph_us, r.blas_bytes / 1e6, bgbs,
                     r.blas.graph_us / r.qjl.graph_us);
     }

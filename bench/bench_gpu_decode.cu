@@ -103,16 +103,19 @@ double copy_bandwidth_gbs(int runs) {
 }
 
 // pool block i = proto block (i % distinct), 16-byte words.
-__global__ void tile_blocks(const uint4* proto, int distinct, std::size_t words_per_block, uint4* pool, std::size_t n_blocks) {
+__global__ void tile_blocks(const uint4* proto, int distinct, std::size_t words_per_block, uint4* pool,
+                            std::size_t n_blocks) {
     const std::size_t n = n_blocks * words_per_block;
-    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x) {
         const std::size_t blk = i / words_per_block, w = i % words_per_block;
         pool[i] = proto[(blk % distinct) * words_per_block + w];
     }
 }
 
 __global__ void fill_half(__half* p, std::size_t n, std::uint32_t seed) {
-    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x) {
         std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
         x ^= x >> 15;
         x *= 2246822519u;
@@ -143,7 +146,8 @@ __global__ void __launch_bounds__(256) fp16_decode_partial(const __half* K, cons
         uint2 kr[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-            kr[i] = t0 + i < c_end ? __ldg(reinterpret_cast<const uint2*>(Kh + std::size_t(t0 + i) * D) + lane) : make_uint2(0, 0);
+            kr[i] = t0 + i < c_end ? __ldg(reinterpret_cast<const uint2*>(Kh + std::size_t(t0 + i) * D) + lane)
+                                   : make_uint2(0, 0);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&kr[i].x));
@@ -168,7 +172,8 @@ __global__ void __launch_bounds__(256) fp16_decode_partial(const __half* K, cons
         uint2 vr[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-            vr[i] = t0 + i < c_end ? __ldg(reinterpret_cast<const uint2*>(Vh + std::size_t(t0 + i) * D) + lane) : make_uint2(0, 0);
+            vr[i] = t0 + i < c_end ? __ldg(reinterpret_cast<const uint2*>(Vh + std::size_t(t0 + i) * D) + lane)
+                                   : make_uint2(0, 0);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
             const float p = __expf(s[i] - m);
@@ -214,11 +219,14 @@ struct Row {
 };
 
 void print_rows(const std::vector<Row>& rows, double copy_gbs) {
-    std::printf("| path | batch | T | us | graph us | MB | GB/s | %% copy | floor us |\n|---|---|---|---|---|---|---|---|---|\n");
+    std::printf(
+        "| path | batch | T | us | graph us | MB | GB/s | %% copy | floor us "
+        "|\n|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : rows) {
         const double gbs = r.bytes / (r.t.graph_us * 1e-6) / 1e9;
         std::printf("| %s | %d | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.1f |\n", r.name.c_str(), r.batch, r.T,
-                    r.t.median_us, r.t.graph_us, r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, r.bytes / (copy_gbs * 1e9) * 1e6);
+                    r.t.median_us, r.t.graph_us, r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+                    r.bytes / (copy_gbs * 1e9) * 1e6);
     }
 }
 
@@ -227,9 +235,12 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 int main(int argc, char** argv) {
     int runs = 30, only_tokens = 0, only_batch = 0;
     for (int i = 1; i < argc; ++i) {
-        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc) runs = std::max(1, std::atoi(argv[++i]));
-        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc) only_tokens = std::atoi(argv[++i]);
-        else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) only_batch = std::atoi(argv[++i]);
+        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
+            runs = std::max(1, std::atoi(argv[++i]));
+        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc)
+            only_tokens = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc)
+            only_batch = std::atoi(argv[++i]);
         else {
             std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B]\n", argv[0]);
             return 2;
@@ -297,7 +308,8 @@ int main(int argc, char** argv) {
     for (int cfg = 0; cfg < 3; ++cfg) {
         const kvq::Codec& kc = cfg == 0 ? static_cast<const kvq::Codec&>(qjl) : (cfg == 1 ? int4 : wkv4);
         const kvq::TokenwiseCodec& vc = cfg == 0 ? int2v : (cfg == 1 ? int4 : wkv4);
-        const std::string name = cfg == 0 ? "QJL m=256 K + int2 V" : (cfg == 1 ? "int4 K + int4 V" : "WKV int4 g128 K + V");
+        const std::string name =
+            cfg == 0 ? "QJL m=256 K + int2 V" : (cfg == 1 ? "int4 K + int4 V" : "WKV int4 g128 K + V");
         std::uint8_t* kproto = make_proto(kc);
         std::uint8_t* vproto = make_proto(vc);
         const std::size_t kbb = kc.layout(B).bytes(), vbb = vc.layout(B).bytes();
@@ -307,7 +319,7 @@ int main(int argc, char** argv) {
                 const int pages = T / B;
                 const std::size_t n_blocks = std::size_t(batch) * H * pages;
                 std::vector<int> lens(batch, T);
-                int *d_len;
+                int* d_len;
                 KVQ_CUDA_CHECK(cudaMalloc(&d_len, batch * sizeof(int)));
                 KVQ_CUDA_CHECK(cudaMemcpy(d_len, lens.data(), batch * sizeof(int), cudaMemcpyHostToDevice));
                 float *d_q, *d_out;
@@ -342,7 +354,8 @@ int main(int argc, char** argv) {
                 const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
                 const int n_chunks = kvq::cuda::detail::dec_chunks(a);
                 const double partial_bytes = 2.0 * batch * H * n_chunks * (d + 2) * 4.0;
-                const double bytes = double(n_blocks) * (kbb + vbb) + 2.0 * n_blocks * 4 + 2.0 * q.size() * 4 + partial_bytes;
+                const double bytes =
+                    double(n_blocks) * (kbb + vbb) + 2.0 * n_blocks * 4 + 2.0 * q.size() * 4 + partial_bytes;
                 const int copies = copies_for(std::size_t(bytes), n_blocks * (kbb + vbb + 8));
                 struct Copy {
                     std::uint8_t *kpool, *vpool;
@@ -409,7 +422,8 @@ int main(int argc, char** argv) {
                     KVQ_CUDA_CHECK(cudaFree(scores));
                     KVQ_CUDA_CHECK(cudaFree(sws));
                 }
-                std::printf("done: %s batch %d T %d (copies %d, chunks %d)\n", name.c_str(), batch, T, copies, n_chunks);
+                std::printf("done: %s batch %d T %d (copies %d, chunks %d)\n", name.c_str(), batch, T, copies,
+                            n_chunks);
                 for (auto& c : cs) {
                     KVQ_CUDA_CHECK(cudaFree(c.kpool));
                     KVQ_CUDA_CHECK(cudaFree(c.vpool));
@@ -438,11 +452,11 @@ int main(int argc, char** argv) {
                     KVQ_CUDA_CHECK(cudaMalloc(&pacc, std::size_t(batch) * H * n_chunks * d * 4));
                     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
                     const Timing ft = time_runs(runs, fcopies, [&](int c) {
-                        fp16_decode_partial<128><<<dim3(n_chunks, H, batch), 256, 0, g_stream>>>(K[c], V[c], d_q, T, chunk,
-                                                                                                 n_chunks, ml, pacc);
+                        fp16_decode_partial<128><<<dim3(n_chunks, H, batch), 256, 0, g_stream>>>(
+                            K[c], V[c], d_q, T, chunk, n_chunks, ml, pacc);
                         KVQ_CUDA_CHECK_LAUNCH("fp16_decode_partial");
-                        kvq::cuda::detail::decode_combine_kernel<<<dim3(H, batch), d, 0, g_stream>>>(a, chunk, n_chunks, ml,
-                                                                                                   pacc);
+                        kvq::cuda::detail::decode_combine_kernel<<<dim3(H, batch), d, 0, g_stream>>>(a, chunk, n_chunks,
+                                                                                                     ml, pacc);
                         KVQ_CUDA_CHECK_LAUNCH("decode_combine_kernel");
                     });
                     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
@@ -466,8 +480,9 @@ int main(int argc, char** argv) {
     KVQ_CUDA_CHECK(cudaFree(d_vsc));
     KVQ_CUDA_CHECK(cudaFree(d_vsh));
 
-    std::printf("\nFused decode attention, H_q = H_kv = %d, d = %d, B = %d, fp32 q/out; median of %d runs; copy %.0f GB/s\n",
-                H, d, B, runs, copy_gbs);
+    std::printf(
+        "\nFused decode attention, H_q = H_kv = %d, d = %d, B = %d, fp32 q/out; median of %d runs; copy %.0f GB/s\n", H,
+        d, B, runs, copy_gbs);
     print_rows(rows, copy_gbs);
     KVQ_CUDA_CHECK(cudaStreamDestroy(g_stream));
     return 0;

@@ -35,7 +35,8 @@
 namespace {
 
 __global__ void half_to_float_kernel(const __half* in, float* out, std::size_t n) {
-    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x)
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x)
         out[i] = __half2float(in[i]);
 }
 
@@ -51,8 +52,10 @@ struct Row {
 int main(int argc, char** argv) {
     int runs = 20, only_batch = 0;
     for (int i = 1; i < argc; ++i) {
-        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc) runs = std::max(1, std::atoi(argv[++i]));
-        else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc) only_batch = std::atoi(argv[++i]);
+        if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
+            runs = std::max(1, std::atoi(argv[++i]));
+        else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc)
+            only_batch = std::atoi(argv[++i]);
         else {
             std::fprintf(stderr, "usage: %s [--runs N] [--batch B]\n", argv[0]);
             return 2;
@@ -222,13 +225,16 @@ int main(int argc, char** argv) {
     KVQ_CUDA_CHECK(cudaFree(d_shift));
     KVQ_CUDA_CHECK(cudaFree(d_scale));
 
-    std::printf("\nEncode into paged blocks, H_kv = %d, d = %d, B = %d; median of %d runs; copy %.0f GB/s\n", H, d, B, runs,
-                copy_gbs);
-    std::printf("| path | batch | T | us | graph us | MB | GB/s | %% copy | floor us |\n|---|---|---|---|---|---|---|---|---|\n");
+    std::printf("\nEncode into paged blocks, H_kv = %d, d = %d, B = %d; median of %d runs; copy %.0f GB/s\n", H, d, B,
+                runs, copy_gbs);
+    std::printf(
+        "| path | batch | T | us | graph us | MB | GB/s | %% copy | floor us "
+        "|\n|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : rows) {
         const double gbs = r.bytes / (r.t.graph_us * 1e-6) / 1e9;
         std::printf("| %s | %d | %d | %.1f | %.1f | %.1f | %.0f | %.0f%% | %.1f |\n", r.name.c_str(), r.batch, r.T,
-                    r.t.median_us, r.t.graph_us, r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs, r.bytes / (copy_gbs * 1e9) * 1e6);
+                    r.t.median_us, r.t.graph_us, r.bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
+                    r.bytes / (copy_gbs * 1e9) * 1e6);
     }
     KVQ_CUDA_CHECK(cudaStreamDestroy(stream));
     return 0;

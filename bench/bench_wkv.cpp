@@ -11,8 +11,8 @@
 #include <memory>
 #include <random>
 
-#include "kvq/kvq.hpp"
 #include "bench_util.hpp"
+#include "kvq/kvq.hpp"
 #include "kvq/quant/kivi_codec.hpp"
 #include "kvq/quant/wkv_codec.hpp"
 

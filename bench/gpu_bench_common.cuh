@@ -85,7 +85,8 @@ inline double copy_bandwidth_gbs(cudaStream_t stream, int runs) {
 
 // Deterministic pseudo-random fp16 values in [-1.5, 1.5) * amp.
 __global__ void fill_half_kernel(__half* p, std::size_t n, std::uint32_t seed, float amp) {
-    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n; i += std::size_t(gridDim.x) * blockDim.x) {
+    for (std::size_t i = blockIdx.x * std::size_t(blockDim.x) + threadIdx.x; i < n;
+         i += std::size_t(gridDim.x) * blockDim.x) {
         std::uint32_t x = static_cast<std::uint32_t>(i) * 2654435761u ^ seed;
         x ^= x >> 15;
         x *= 2246822519u;

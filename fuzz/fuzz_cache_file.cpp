@@ -112,7 +112,8 @@ int main(int argc, char** argv) {
         write_seed(dir, "wkv", c, 5);
     }
     {
-        kvq::KvCache c({1, 1, 8, 32, {32, FlushMode::Chunk}, {}, true}, std::make_shared<kvq::KiviKeyCodec>(8, 2), int2);
+        kvq::KvCache c({1, 1, 8, 32, {32, FlushMode::Chunk}, {}, true}, std::make_shared<kvq::KiviKeyCodec>(8, 2),
+                       int2);
         write_seed(dir, "kivi", c, 40);
     }
     return 0;

@@ -1,6 +1,7 @@
 // libFuzzer target for the safetensors reader: any input must either parse or throw kvq::Error;
 // crashes, sanitizer reports, leaks and other exception types are bugs.
-//   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude fuzz/fuzz_safetensors.cpp -o fuzz_safetensors
+//   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude fuzz/fuzz_safetensors.cpp -o
+//   fuzz_safetensors
 //   ./fuzz_safetensors -max_total_time=60 NEW_CORPUS_DIR fuzz/corpus/safetensors
 #include <cstddef>
 #include <cstdint>
@@ -11,7 +12,8 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     try {
-        const kvq::io::SafetensorsFile f = kvq::io::SafetensorsFile::parse(std::vector<std::uint8_t>(data, data + size));
+        const kvq::io::SafetensorsFile f =
+            kvq::io::SafetensorsFile::parse(std::vector<std::uint8_t>(data, data + size));
         for (const std::string& name : f.names()) {
             try {
                 const std::vector<float> v = f.read_f32(name);

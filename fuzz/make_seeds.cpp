@@ -67,7 +67,8 @@ Bytes gguf_seed() {
     w.add_u32("general.alignment", 32);
     w.add_string("tokenizer.ggml.model", "gpt2");
     std::vector<std::string> tokens = byte_level_alphabet();
-    for (const char* t : {"He", "ll", "Hell", "Hello", "\xC4\xA0w", "or", "\xC4\xA0wor", "<|im_start|>"}) tokens.push_back(t);
+    for (const char* t : {"He", "ll", "Hell", "Hello", "\xC4\xA0w", "or", "\xC4\xA0wor", "<|im_start|>"})
+        tokens.push_back(t);
     w.add_string_array("tokenizer.ggml.tokens", tokens);
     w.add_string_array("tokenizer.ggml.merges", {"H e", "l l", "He ll", "Hell o", "\xC4\xA0 w", "o r", "\xC4\xA0w or"});
     std::vector<std::int32_t> types(tokens.size(), 1);

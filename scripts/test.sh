@@ -8,6 +8,8 @@
 #   4. build-tsan/:  the concurrency tests (tests/test_concurrency.cpp) under ThreadSanitizer;
 #   5. build-fuzz/:  with clang++: the libFuzzer targets (fuzz/*.cpp), each run FUZZ_SECONDS on a
 #                    copy of its seed corpus; any crash, leak or sanitizer report fails.
+#   0. lint:         clang-format (the tree must be formatted) and clang-tidy (.clang-tidy) on a
+#                    translation unit that includes every library header; KVQ_LINT=0 skips.
 # On a machine with a GPU (nvidia-smi lists one) the GPU tests run too; KVQ_GPU_TESTS=0/1 forces.
 # Environment: JOBS (build parallelism, default nproc), CTEST_JOBS (default 2), KVQ_TSAN=0 skips
 # stage 4, KVQ_FUZZ=0 skips stage 5, FUZZ_SECONDS (per target, default 30), FUZZ_JOBS (targets
@@ -24,6 +26,32 @@ stage_time() { echo "[test] stage '$1' took $((SECONDS - STAGE_T0)) s"; STAGE_T0
 bash scripts/setup.sh
 
 JOBS="${JOBS:-$(nproc)}"
+
+# ---- 0. formatting and static checks --------------------------------------------------------
+if [[ "${KVQ_LINT:-1}" != 0 ]]; then
+    log "clang-format check and clang-tidy"
+    # .clang-format is written for clang-format 14 (Debian 12); other versions format differently.
+    if command -v clang-format >/dev/null && [[ "$(clang-format --version)" =~ version\ 14\. ]]; then
+        mapfile -t FORMAT_FILES < <(git ls-files '*.hpp' '*.cpp' '*.cuh' '*.cu' 2>/dev/null || true)
+        if ((${#FORMAT_FILES[@]})); then
+            clang-format --dry-run --Werror "${FORMAT_FILES[@]}" \
+                || { echo "[test] files above are not clang-formatted: run clang-format -i on them" >&2; exit 1; }
+            echo "[test] clang-format: ${#FORMAT_FILES[@]} files formatted"
+        fi
+    else
+        echo "[test] clang-format 14 not found: format check skipped"
+    fi
+    if command -v clang-tidy >/dev/null; then
+        TIDY_TU="$(mktemp --suffix=.cpp)"
+        for h in $(cd include && find kvq -name '*.hpp' | sort); do echo "#include \"$h\""; done >"$TIDY_TU"
+        clang-tidy --quiet "--config-file=$ROOT/.clang-tidy" "-header-filter=$ROOT/include/kvq/.*" "$TIDY_TU" -- \
+            -std=c++20 -I"$ROOT/include" -I/usr/include/eigen3 \
+            || { rm -f "$TIDY_TU"; echo "[test] clang-tidy findings above" >&2; exit 1; }
+        rm -f "$TIDY_TU"
+        echo "[test] clang-tidy: every header under include/kvq clean"
+    fi
+    stage_time lint
+fi
 CTEST_JOBS="${CTEST_JOBS:-2}"
 GEN=()
 if command -v ninja >/dev/null 2>&1; then

@@ -15,8 +15,13 @@ struct Data {
 };
 Data random_data(int T, int Hq, int H, int d, std::uint64_t seed) {
     std::mt19937_64 rng(seed);
-    Data x{T, Hq, H, d, kvq::test::normal_vector(std::size_t(T) * Hq * d, rng),
-           kvq::test::normal_vector(std::size_t(T) * H * d, rng), kvq::test::normal_vector(std::size_t(T) * H * d, rng)};
+    Data x{T,
+           Hq,
+           H,
+           d,
+           kvq::test::normal_vector(std::size_t(T) * Hq * d, rng),
+           kvq::test::normal_vector(std::size_t(T) * H * d, rng),
+           kvq::test::normal_vector(std::size_t(T) * H * d, rng)};
     return x;
 }
 
@@ -174,8 +179,8 @@ TEST(Cache, BadInputThrowsAndLeavesTheCacheUnchanged) {
     EXPECT_THROW(cache.append(0, &x.k[0], &x.v[0], 30), kvq::Error);  // needs more blocks than the pool has
     expect_unchanged();
     EXPECT_THROW(cache.append(2, &x.k[0], &x.v[0], 1), kvq::Error);  // layer out of range
-    EXPECT_THROW(cache.keys(0, 2), kvq::Error);                       // head out of range
-    EXPECT_THROW(pool->data(4), kvq::Error);                           // block id out of range
+    EXPECT_THROW(cache.keys(0, 2), kvq::Error);                      // head out of range
+    EXPECT_THROW(pool->data(4), kvq::Error);                         // block id out of range
     std::vector<float> q(std::size_t(3) * d), out(std::size_t(3) * d);
     kvq::AttentionWorkspace ws;
     EXPECT_THROW(kvq::decode_step(cache, 0, q.data(), 3, x.k.data(), x.v.data(), out.data(), ws), kvq::Error);  // 3 % 2
@@ -199,7 +204,8 @@ TEST(Cache, QjlAttentionErrorFallsAsSketchGrows) {
     for (int h = 0; h < H; ++h)
         for (int c = 0; c < d; ++c) {
             const float bias = std::normal_distribution<float>(0, 1)(rng), scale = (c % 37 == 5) ? 10.0f : 1.0f;
-            for (int t = 0; t < T; ++t) x.k[(std::size_t(t) * H + h) * d + c] = scale * (x.k[(std::size_t(t) * H + h) * d + c] + bias);
+            for (int t = 0; t < T; ++t)
+                x.k[(std::size_t(t) * H + h) * d + c] = scale * (x.k[(std::size_t(t) * H + h) * d + c] + bias);
         }
     const auto ref = reference(x);
     auto fp = fp32(d);
@@ -207,7 +213,8 @@ TEST(Cache, QjlAttentionErrorFallsAsSketchGrows) {
     for (int m : {64, 128, 256, 512, 1024}) {
         double err = 0;
         for (std::uint64_t seed : {1, 2, 3}) {
-            auto qjl = std::make_shared<kvq::QjlKeyCodec>(kvq::QjlParams{d, m, 128, 4, kvq::SketchKind::BlockOrthogonal, seed});
+            auto qjl = std::make_shared<kvq::QjlKeyCodec>(
+                kvq::QjlParams{d, m, 128, 4, kvq::SketchKind::BlockOrthogonal, seed});
             kvq::KvCache cache(kvq::CacheConfig{1, H, d, 64, {}, {}, true}, qjl, fp);
             err += kvq::test::rel_err(run_decode(cache, x), ref) / 3;
         }

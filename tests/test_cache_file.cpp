@@ -22,7 +22,9 @@ struct CaseSetup {
     std::shared_ptr<const kvq::Codec> kc, vc;
 };
 
-std::shared_ptr<const kvq::Codec> ident(int d, kvq::StorageType t) { return std::make_shared<kvq::IdentityCodec>(d, t); }
+std::shared_ptr<const kvq::Codec> ident(int d, kvq::StorageType t) {
+    return std::make_shared<kvq::IdentityCodec>(d, t);
+}
 std::shared_ptr<const kvq::Codec> tw(int d, int bits, int group) {
     return std::make_shared<kvq::TokenwiseCodec>(kvq::TokenwiseParams{d, bits, group});
 }
@@ -41,25 +43,39 @@ std::vector<CaseSetup> setups() {
     using kvq::FlushMode;
     const int d = 64;
     std::vector<CaseSetup> s;
-    s.push_back({"fp32", {2, 2, d, 16, {}, {}, true}, ident(d, kvq::StorageType::F32), ident(d, kvq::StorageType::F32)});
-    s.push_back({"fp16_window", {2, 2, d, 16, {5, FlushMode::Sliding}, {3, FlushMode::Sliding}, false},
-                 ident(d, kvq::StorageType::F16), ident(d, kvq::StorageType::F16)});
-    s.push_back({"bf16", {1, 3, d, 8, {}, {}, true}, ident(d, kvq::StorageType::BF16), ident(d, kvq::StorageType::BF16)});
-    s.push_back({"int2_int4_chunk", {3, 2, d, 16, {8, FlushMode::Chunk}, {4, FlushMode::Chunk}, true}, tw(d, 2, 32),
+    s.push_back(
+        {"fp32", {2, 2, d, 16, {}, {}, true}, ident(d, kvq::StorageType::F32), ident(d, kvq::StorageType::F32)});
+    s.push_back({"fp16_window",
+                 {2, 2, d, 16, {5, FlushMode::Sliding}, {3, FlushMode::Sliding}, false},
+                 ident(d, kvq::StorageType::F16),
+                 ident(d, kvq::StorageType::F16)});
+    s.push_back(
+        {"bf16", {1, 3, d, 8, {}, {}, true}, ident(d, kvq::StorageType::BF16), ident(d, kvq::StorageType::BF16)});
+    s.push_back({"int2_int4_chunk",
+                 {3, 2, d, 16, {8, FlushMode::Chunk}, {4, FlushMode::Chunk}, true},
+                 tw(d, 2, 32),
                  tw(d, 4, 16)});
     s.push_back({"int3_int8", {1, 2, d, 32, {}, {7, FlushMode::Sliding}, false}, tw(d, 3, 64), tw(d, 8, 8)});
-    s.push_back({"qjl_plain", {2, 2, d, 16, {}, {}, true}, qjl(d, 128, 0, 0, kvq::SketchKind::Gaussian, 11),
+    s.push_back(
+        {"qjl_plain", {2, 2, d, 16, {}, {}, true}, qjl(d, 128, 0, 0, kvq::SketchKind::Gaussian, 11), tw(d, 4, 32)});
+    s.push_back({"qjl_outliers",
+                 {2, 2, d, 32, {}, {}, true},
+                 qjl(d, 64, 32, 4, kvq::SketchKind::BlockOrthogonal, 0xDEADBEEFCAFEull),
+                 tw(d, 2, 32)});
+    s.push_back({"qjl_outliers_chunk",
+                 {1, 2, d, 64, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
+                 qjl(d, 96, 64, 8, kvq::SketchKind::Gaussian, 3),
                  tw(d, 4, 32)});
-    s.push_back({"qjl_outliers", {2, 2, d, 32, {}, {}, true},
-                 qjl(d, 64, 32, 4, kvq::SketchKind::BlockOrthogonal, 0xDEADBEEFCAFEull), tw(d, 2, 32)});
-    s.push_back({"qjl_outliers_chunk", {1, 2, d, 64, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
-                 qjl(d, 96, 64, 8, kvq::SketchKind::Gaussian, 3), tw(d, 4, 32)});
     // WKVQuant's dynamic part (the static smoothing is saved separately, in the parameter file).
-    s.push_back({"wkv4", {2, 2, d, 16, {}, {}, true}, std::make_shared<kvq::WkvCodec>(d, 4),
+    s.push_back({"wkv4",
+                 {2, 2, d, 16, {}, {}, true},
+                 std::make_shared<kvq::WkvCodec>(d, 4),
                  std::make_shared<kvq::WkvCodec>(d, 4, 32)});
     // KIVI keys (granularity 32: chunk-flushed window) with its per-token 2-bit values.
-    s.push_back({"kivi2", {2, 2, d, 32, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
-                 std::make_shared<kvq::KiviKeyCodec>(d, 2), tw(d, 2, 32)});
+    s.push_back({"kivi2",
+                 {2, 2, d, 32, {32, FlushMode::Chunk}, {16, FlushMode::Sliding}, false},
+                 std::make_shared<kvq::KiviKeyCodec>(d, 2),
+                 tw(d, 2, 32)});
     return s;
 }
 
@@ -189,10 +205,15 @@ void append_stream(kvq::KvCache& c, const TokenStream& s, int upto) {
 TEST(CacheFile, PrefixOfWholePagesEqualsACacheGivenOnlyThoseTokens) {
     const int d = 64;
     for (const CaseSetup& s :
-         {CaseSetup{"qjl_outliers_int4", {3, 2, d, 32, {}, {}, true}, qjl(d, 128, 64, 4, kvq::SketchKind::Gaussian, 7),
+         {CaseSetup{"qjl_outliers_int4",
+                    {3, 2, d, 32, {}, {}, true},
+                    qjl(d, 128, 64, 4, kvq::SketchKind::Gaussian, 7),
                     tw(d, 4, 32)},
-          CaseSetup{"fp16", {2, 2, d, 16, {}, {}, true}, ident(d, kvq::StorageType::F16), ident(d, kvq::StorageType::F16)},
-          CaseSetup{"wkv4", {1, 3, d, 16, {}, {}, false}, std::make_shared<kvq::WkvCodec>(d, 4),
+          CaseSetup{
+              "fp16", {2, 2, d, 16, {}, {}, true}, ident(d, kvq::StorageType::F16), ident(d, kvq::StorageType::F16)},
+          CaseSetup{"wkv4",
+                    {1, 3, d, 16, {}, {}, false},
+                    std::make_shared<kvq::WkvCodec>(d, 4),
                     std::make_shared<kvq::WkvCodec>(d, 4)}}) {
         SCOPED_TRACE(s.name);
         const TokenStream ts = make_stream(s.cfg, 150, 21);
@@ -265,12 +286,14 @@ TEST(CacheFile, NonFiniteStoredFactorsAreRejectedEvenWithValidCrcs) {
     const auto tc = tw(d, 4, 16);
     const auto kv = std::make_shared<kvq::KiviKeyCodec>(d, 4);
     const auto f16 = ident(d, kvq::StorageType::F16);
-    for (const Case& c : {Case{"qjl norm", {1, 1, d, 32, {}, {}, true}, qc, qc->layout(32).token_side_offset()},
-                          Case{"token-wise min", {1, 1, d, 32, {}, {}, true}, tc,
-                               tc->layout(32).token_side_offset() + 2 * 32 * 2},
-                          Case{"kivi step", {1, 1, d, 32, {32, kvq::FlushMode::Chunk}, {}, true}, kv,
-                               kv->layout(32).block_side_offset() + 2},
-                          Case{"fp16 value", {1, 1, d, 32, {}, {}, true}, f16, 6}}) {
+    for (const Case& c :
+         {Case{"qjl norm", {1, 1, d, 32, {}, {}, true}, qc, qc->layout(32).token_side_offset()},
+          Case{"token-wise min", {1, 1, d, 32, {}, {}, true}, tc, tc->layout(32).token_side_offset() + 2 * 32 * 2},
+          Case{"kivi step",
+               {1, 1, d, 32, {32, kvq::FlushMode::Chunk}, {}, true},
+               kv,
+               kv->layout(32).block_side_offset() + 2},
+          Case{"fp16 value", {1, 1, d, 32, {}, {}, true}, f16, 6}}) {
         SCOPED_TRACE(c.name);
         kvq::KvCache a(c.cfg, c.kc, tw(d, 8, 32));
         fill(a, 40, 2);
@@ -433,7 +456,8 @@ TEST(CacheFile, FailedLoadLeavesTheDestinationAndItsPoolsUntouched) {
         EXPECT_EQ(dest->value_pool()->blocks_in_use(), vin);
     };
     for (std::size_t n : {std::size_t(0), std::size_t(20), good.size() / 2, good.size() - 1}) {
-        EXPECT_THROW(kvq::io::load_cache_into(*dest, Bytes(good.begin(), good.begin() + std::ptrdiff_t(n))), kvq::Error);
+        EXPECT_THROW(kvq::io::load_cache_into(*dest, Bytes(good.begin(), good.begin() + std::ptrdiff_t(n))),
+                     kvq::Error);
         untouched();
     }
     Bytes flipped = good;

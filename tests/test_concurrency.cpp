@@ -47,8 +47,7 @@ void append_all(kvq::KvCache& c, const Tokens& t, int n) {
     int done = 0, step = 1;
     while (done < n) {
         const int m = std::min(step, n - done);
-        for (int l = 0; l < 2; ++l)
-            c.append(l, &t.k[std::size_t(done) * 2 * kD], &t.v[std::size_t(done) * 2 * kD], m);
+        for (int l = 0; l < 2; ++l) c.append(l, &t.k[std::size_t(done) * 2 * kD], &t.v[std::size_t(done) * 2 * kD], m);
         done += m;
         step = step % 9 + 1;
     }

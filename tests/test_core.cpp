@@ -19,9 +19,12 @@ float half_reference(float f) {
     double ulp = a < std::ldexp(1.0, -14) ? std::ldexp(1.0, -24) : std::ldexp(1.0, std::ilogb(a) - 10);
     double lo = std::floor(a / ulp) * ulp, hi = lo + ulp;
     double r;
-    if (a - lo < hi - a) r = lo;
-    else if (a - lo > hi - a) r = hi;
-    else r = (std::fmod(lo / ulp, 2.0) == 0.0) ? lo : hi;
+    if (a - lo < hi - a)
+        r = lo;
+    else if (a - lo > hi - a)
+        r = hi;
+    else
+        r = (std::fmod(lo / ulp, 2.0) == 0.0) ? lo : hi;
     return static_cast<float>(std::copysign(r, x));
 }
 

@@ -196,7 +196,8 @@ TEST(Gguf, MalformedFilesThrow) {
         expect_error(b, "huge key length");
     }
     // every strict prefix is truncated: each must throw (never read out of bounds)
-    for (std::size_t n = 0; n < good.size(); n += (n < 2000 ? 1 : 7)) expect_error(Bytes(good.begin(), good.begin() + n), "truncated");
+    for (std::size_t n = 0; n < good.size(); n += (n < 2000 ? 1 : 7))
+        expect_error(Bytes(good.begin(), good.begin() + n), "truncated");
 
     auto with = [](auto edit) {
         GgufWriter w;
@@ -251,7 +252,8 @@ std::vector<std::string> byte_alphabet() {
         const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
         const unsigned cp = printable ? b : 256 + extra++;
         std::string s;
-        if (cp < 0x80) s.push_back(static_cast<char>(cp));
+        if (cp < 0x80)
+            s.push_back(static_cast<char>(cp));
         else {
             s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
             s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
@@ -304,8 +306,11 @@ TEST(Gpt2Bpe, EncodeUsesMergesAndSpecialsAndRoundTrips) {
     EXPECT_EQ(s.back(), 2);
     EXPECT_EQ(tok.encode("x", true).front(), 1);
     const std::vector<std::string> texts = {
-        "", " ", "Once upon a time, there was a girl.\n\nShe said: \"Hi!\" 42 times...",
-        "tabs\tand  spaces   end  ", "caf\xC3\xA9 \xE2\x80\x94 na\xC3\xAFve \xF0\x9F\x98\x80 \xE4\xB8\xAD\xE6\x96\x87",
+        "",
+        " ",
+        "Once upon a time, there was a girl.\n\nShe said: \"Hi!\" 42 times...",
+        "tabs\tand  spaces   end  ",
+        "caf\xC3\xA9 \xE2\x80\x94 na\xC3\xAFve \xF0\x9F\x98\x80 \xE4\xB8\xAD\xE6\x96\x87",
         std::string("bytes \xFF\xFE\x80 and \0 nul", 19)};
     for (const auto& t : texts) EXPECT_EQ(tok.decode(tok.encode(t)), t);
     EXPECT_THROW(tok.token(-1), kvq::Error);
@@ -375,7 +380,8 @@ TEST(GgufLlama, SmolLM2GreedyGenerationIsEnglish) {
     kvq::model::Fp32AttentionBackend backend(model.config());
     const std::vector<int> out = model.generate_greedy(ids, static_cast<int>(ids.size()) + 12, backend, tok.eos_id());
     ASSERT_GT(out.size(), ids.size() + 4);
-    const std::string gen = tok.decode(std::vector<int>(out.begin() + static_cast<std::ptrdiff_t>(ids.size()), out.end()));
+    const std::string gen =
+        tok.decode(std::vector<int>(out.begin() + static_cast<std::ptrdiff_t>(ids.size()), out.end()));
     std::printf("SmolLM2 continuation: '%s'\n", gen.c_str());
     int letters = 0, spaces = 0;
     for (unsigned char c : gen) {

@@ -17,7 +17,8 @@ void expect_error(const std::string& text, const std::string& word) {
         json::parse(text);
         ADD_FAILURE() << "no error for: " << text;
     } catch (const kvq::Error& e) {
-        EXPECT_NE(std::string(e.what()).find(word), std::string::npos) << "message: " << e.what() << "\ninput: " << text;
+        EXPECT_NE(std::string(e.what()).find(word), std::string::npos)
+            << "message: " << e.what() << "\ninput: " << text;
     }
 }
 
@@ -79,7 +80,8 @@ TEST(Json, Strings) {
     EXPECT_EQ(json::parse(R"("\u0041\u00e9\u20AC")").as_string(), "A\xC3\xA9\xE2\x82\xAC");
     EXPECT_EQ(json::parse(R"("\ud83d\ude00")").as_string(), "\xF0\x9F\x98\x80");  // U+1F600 via a surrogate pair
     EXPECT_EQ(json::parse(R"("\u0000")").as_string(), std::string(1, '\0'));
-    EXPECT_EQ(json::parse("\"caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC\"").as_string(), "caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC");
+    EXPECT_EQ(json::parse("\"caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC\"").as_string(),
+              "caf\xC3\xA9 \xE6\x97\xA5\xE6\x9C\xAC");
     expect_error(R"("abc)", "unterminated");
     expect_error(R"("\x")", "invalid escape");
     expect_error(R"("\u12")", "\\u escape");
@@ -90,9 +92,9 @@ TEST(Json, Strings) {
     expect_error(R"("\ude00")", "surrogate");
     expect_error("\"a\nb\"", "control character");
     expect_error("\"\x01\"", "control character");
-    expect_error("\"\xC3\"", "UTF-8");          // truncated sequence
-    expect_error("\"\xC0\xAF\"", "UTF-8");      // overlong '/'
-    expect_error("\"\xED\xA0\x80\"", "UTF-8");  // encoded surrogate
+    expect_error("\"\xC3\"", "UTF-8");              // truncated sequence
+    expect_error("\"\xC0\xAF\"", "UTF-8");          // overlong '/'
+    expect_error("\"\xED\xA0\x80\"", "UTF-8");      // encoded surrogate
     expect_error("\"\xF4\x90\x80\x80\"", "UTF-8");  // above U+10FFFF
     expect_error("\"\xFF\"", "UTF-8");
 }
@@ -171,7 +173,11 @@ TEST(Json, ErrorsNameTheByteOffset) {
 }
 
 TEST(Json, QuoteRoundTrips) {
-    const std::string samples[] = {"", "plain", "quote\" back\\slash", std::string("nul\0ctl\x01\x1f", 9), "tab\there\nnewline",
+    const std::string samples[] = {"",
+                                   "plain",
+                                   "quote\" back\\slash",
+                                   std::string("nul\0ctl\x01\x1f", 9),
+                                   "tab\there\nnewline",
                                    "\xC3\xA9\xE2\x82\xAC\xF0\x9F\x98\x80"};
     for (const std::string& s : samples) {
         const std::string q = json::quote(s);

@@ -29,9 +29,9 @@ using kvq::model::LlamaModel;
 const std::string kModel = std::string(KVQ_SHARED_DIR) + "/models/stories260K.bin";
 const std::string kTok = std::string(KVQ_SHARED_DIR) + "/models/tok512.bin";
 
-#define SKIP_WITHOUT_MODEL()                                                                        \
-    do {                                                                                            \
-        if (!std::filesystem::exists(kModel) || !std::filesystem::exists(kTok))                     \
+#define SKIP_WITHOUT_MODEL()                                                                          \
+    do {                                                                                              \
+        if (!std::filesystem::exists(kModel) || !std::filesystem::exists(kTok))                       \
             GTEST_SKIP() << "stories260K.bin / tok512.bin not found under " KVQ_SHARED_DIR "/models"; \
     } while (0)
 
@@ -187,7 +187,8 @@ TEST(KvCacheBackend, QjlKeysRunFinite) {
         vp.head_dim = q.head_dim;
         vp.bits = 4;
         vp.group = q.head_dim;
-        auto kv = backend_for(f.model, std::make_shared<kvq::QjlKeyCodec>(q), std::make_shared<kvq::TokenwiseCodec>(vp));
+        auto kv =
+            backend_for(f.model, std::make_shared<kvq::QjlKeyCodec>(q), std::make_shared<kvq::TokenwiseCodec>(vp));
         const double nll = f.model.sequence_nll(tokens, *kv);
         std::printf("qjl m=256 outliers=%d: ppl %.4f\n", outliers, std::exp(nll / double(tokens.size() - 1)));
         EXPECT_TRUE(std::isfinite(nll));

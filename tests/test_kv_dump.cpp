@@ -37,9 +37,9 @@ using kvq::model::LlamaModel;
 const std::string kModel = std::string(KVQ_SHARED_DIR) + "/models/stories260K.bin";
 const std::string kTok = std::string(KVQ_SHARED_DIR) + "/models/tok512.bin";
 
-#define SKIP_WITHOUT_MODEL()                                                                        \
-    do {                                                                                            \
-        if (!std::filesystem::exists(kModel) || !std::filesystem::exists(kTok))                     \
+#define SKIP_WITHOUT_MODEL()                                                                          \
+    do {                                                                                              \
+        if (!std::filesystem::exists(kModel) || !std::filesystem::exists(kTok))                       \
             GTEST_SKIP() << "stories260K.bin / tok512.bin not found under " KVQ_SHARED_DIR "/models"; \
     } while (0)
 
@@ -247,7 +247,7 @@ TEST(ProgressMeter, RendersAndThrottles) {
     EXPECT_NE(line.find(" 50.0%"), std::string::npos);
     EXPECT_NE(line.find("100/200"), std::string::npos);
     EXPECT_EQ(pm.render(500).find("100.0%") != std::string::npos, true);  // clamped to total
-    EXPECT_EQ(pm.finish(), "\n");  // the last render already showed the total
+    EXPECT_EQ(pm.finish(), "\n");                                         // the last render already showed the total
     EXPECT_EQ(kvq::ProgressMeter::clock_time(59.6), "1:00");
     EXPECT_EQ(kvq::ProgressMeter::clock_time(3725), "1:02:05");
     EXPECT_THROW(kvq::ProgressMeter("x", 0), kvq::Error);

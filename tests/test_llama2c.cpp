@@ -31,11 +31,12 @@ using Bytes = std::vector<std::uint8_t>;
 const std::string kModelPath = std::string(KVQ_SHARED_DIR) + "/models/stories260K.bin";
 const std::string kTokPath = std::string(KVQ_SHARED_DIR) + "/models/tok512.bin";
 
-#define SKIP_WITHOUT_MODEL_FILES()                                                                  \
-    do {                                                                                            \
-        if (!std::filesystem::exists(kModelPath) || !std::filesystem::exists(kTokPath))             \
-            GTEST_SKIP() << "stories260K.bin / tok512.bin not found under " KVQ_SHARED_DIR "/models " \
-                            "(set KVQ_SHARED_DIR to the shared folder)";                            \
+#define SKIP_WITHOUT_MODEL_FILES()                                                         \
+    do {                                                                                   \
+        if (!std::filesystem::exists(kModelPath) || !std::filesystem::exists(kTokPath))    \
+            GTEST_SKIP() << "stories260K.bin / tok512.bin not found under " KVQ_SHARED_DIR \
+                            "/models "                                                     \
+                            "(set KVQ_SHARED_DIR to the shared folder)";                   \
     } while (0)
 
 // Expected output of `./run stories260K.bin -z tok512.bin -t 0.0 -n 200` (trailing "\n" stripped),
@@ -300,11 +301,18 @@ Bytes make_tokenizer(int n, std::int32_t max_len = 6) {
     put_i32(b, max_len);
     for (int id = 0; id < n; ++id) {
         std::string p;
-        if (id == 0) p = "<unk>";
-        else if (id == 1) p = "<s>";
-        else if (id == 2) p = "</s>";
-        else if (id < 259) { char buf[8]; std::snprintf(buf, sizeof buf, "<0x%02X>", id - 3); p = buf; }
-        else p = std::string(1, static_cast<char>(' ' + (id - 259) % 95)) + std::to_string(id);
+        if (id == 0)
+            p = "<unk>";
+        else if (id == 1)
+            p = "<s>";
+        else if (id == 2)
+            p = "</s>";
+        else if (id < 259) {
+            char buf[8];
+            std::snprintf(buf, sizeof buf, "<0x%02X>", id - 3);
+            p = buf;
+        } else
+            p = std::string(1, static_cast<char>(' ' + (id - 259) % 95)) + std::to_string(id);
         put_f32(b, -static_cast<float>(id));
         put_i32(b, static_cast<std::int32_t>(p.size()));
         b.insert(b.end(), p.begin(), p.end());

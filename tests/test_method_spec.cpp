@@ -18,7 +18,8 @@ TEST(MethodSpec, ParsesNamesAndParams) {
     EXPECT_TRUE(a.params.empty());
     EXPECT_EQ(a.canonical(), "fp16");
 
-    const MethodSpec b = parse_method_spec("qjl:m=512,mo=128,outliers=0,sketch=gaussian,seed=18446744073709551615,vbits=4,vg=64");
+    const MethodSpec b =
+        parse_method_spec("qjl:m=512,mo=128,outliers=0,sketch=gaussian,seed=18446744073709551615,vbits=4,vg=64");
     EXPECT_EQ(b.name, "qjl");
     EXPECT_EQ(b.params.at("m"), "512");
     EXPECT_EQ(b.params.at("mo"), "128");
@@ -34,8 +35,8 @@ TEST(MethodSpec, ParsesNamesAndParams) {
 }
 
 TEST(MethodSpec, CanonicalRoundTrips) {
-    for (const char* s : {"fp32", "bf16", "int8", "int2:g=16", "qjl", "qjl:mo=0128,m=512", "qjl:sketch=orthogonal,seed=0007",
-                          "qjl:window=128,kflush=chunk,vbits=3"}) {
+    for (const char* s : {"fp32", "bf16", "int8", "int2:g=16", "qjl", "qjl:mo=0128,m=512",
+                          "qjl:sketch=orthogonal,seed=0007", "qjl:window=128,kflush=chunk,vbits=3"}) {
         const MethodSpec p = parse_method_spec(s);
         EXPECT_EQ(parse_method_spec(p.canonical()), p) << s;
     }
@@ -44,46 +45,46 @@ TEST(MethodSpec, CanonicalRoundTrips) {
 
 TEST(MethodSpec, EveryInvalidFormThrows) {
     const std::vector<std::string> bad = {
-        "",                       // empty
-        ":",                      // empty name
-        ":m=1",                   // empty name
-        "fp8",                    // unknown name
-        "FP16",                   // names are case-sensitive
-        "fp16 ",                  // whitespace
+        "",       // empty
+        ":",      // empty name
+        ":m=1",   // empty name
+        "fp8",    // unknown name
+        "FP16",   // names are case-sensitive
+        "fp16 ",  // whitespace
         " fp16",
         "int5",
-        "qjl:",                   // empty parameter list
-        "qjl:m",                  // no '='
-        "qjl:=64",                // empty key
-        "qjl:m=",                 // empty value
-        "qjl:m=64,",              // trailing comma
-        "qjl:,m=64",              // leading comma
-        "qjl:m=64,,mo=64",        // empty parameter
-        "qjl:m=64,m=128",         // duplicate key
-        "qjl:m=64,m=64",          // duplicate key, same value
-        "qjl:M=64",               // unknown key (case)
-        "qjl:g=32",               // key of another method
+        "qjl:",             // empty parameter list
+        "qjl:m",            // no '='
+        "qjl:=64",          // empty key
+        "qjl:m=",           // empty value
+        "qjl:m=64,",        // trailing comma
+        "qjl:,m=64",        // leading comma
+        "qjl:m=64,,mo=64",  // empty parameter
+        "qjl:m=64,m=128",   // duplicate key
+        "qjl:m=64,m=64",    // duplicate key, same value
+        "qjl:M=64",         // unknown key (case)
+        "qjl:g=32",         // key of another method
         "int4:m=64",
         "fp16:g=32",
-        "qjl: m=64",              // whitespace in key
-        "qjl:m= 64",              // whitespace in value
-        "qjl:m=-64",              // signed
+        "qjl: m=64",  // whitespace in key
+        "qjl:m= 64",  // whitespace in value
+        "qjl:m=-64",  // signed
         "qjl:m=+64",
-        "qjl:m=0x40",             // hex
+        "qjl:m=0x40",  // hex
         "qjl:m=6.4e1",
         "qjl:m=64abc",
         "qjl:m=99999999999999999999999",  // overflow
         "qjl:seed=18446744073709551616",  // 2^64
-        "qjl:m=64=64",            // second '='
-        "qjl:m=64:mo=64",         // second ':'
-        "qjl:sketch=hadamard",    // unknown enum word
+        "qjl:m=64=64",                    // second '='
+        "qjl:m=64:mo=64",                 // second ':'
+        "qjl:sketch=hadamard",            // unknown enum word
         "qjl:sketch=Gaussian",
         "qjl:sketch=",
         "int4:kflush=fixed",
-        "int4:window=1048577",    // above 2^20
+        "int4:window=1048577",     // above 2^20
         std::string("fp16\0", 5),  // embedded NUL
         std::string("qjl:m=6\x01", 8),
-        std::string(2000, 'a'),   // over the length limit
+        std::string(2000, 'a'),  // over the length limit
     };
     for (const std::string& s : bad) EXPECT_THROW(parse_method_spec(s), kvq::Error) << '"' << s << '"';
 }
@@ -164,8 +165,8 @@ TEST(MethodFactory, WindowPolicy) {
 }
 
 TEST(MethodFactory, OutOfRangeValuesThrowNamingTheSpec) {
-    for (const char* s : {"qjl:m=63", "qjl:m=2048", "qjl:m=0", "qjl:mo=16", "qjl:outliers=17", "qjl:vbits=5", "qjl:vg=48",
-                          "int4:g=0", "int4:g=5", "int4:g=256", "qjl:window=100,kflush=chunk"}) {
+    for (const char* s : {"qjl:m=63", "qjl:m=2048", "qjl:m=0", "qjl:mo=16", "qjl:outliers=17", "qjl:vbits=5",
+                          "qjl:vg=48", "int4:g=0", "int4:g=5", "int4:g=256", "qjl:window=100,kflush=chunk"}) {
         try {
             make_method(s, 128);
             ADD_FAILURE() << s << " did not throw";
@@ -173,8 +174,8 @@ TEST(MethodFactory, OutOfRangeValuesThrowNamingTheSpec) {
             EXPECT_NE(std::string(e.what()).find(std::string("\"") + s + "\""), std::string::npos) << e.what();
         }
     }
-    EXPECT_THROW(make_method("qjl", 512), kvq::Error);   // QJL head_dim <= 256
-    EXPECT_THROW(make_method("fp16", 12), kvq::Error);   // head_dim multiple of 8
+    EXPECT_THROW(make_method("qjl", 512), kvq::Error);  // QJL head_dim <= 256
+    EXPECT_THROW(make_method("fp16", 12), kvq::Error);  // head_dim multiple of 8
     EXPECT_THROW(make_method("fp16", 128, -1), kvq::Error);
     EXPECT_NO_THROW(make_method("qjl:outliers=0,mo=0", 128));  // mo is ignored without outliers
     EXPECT_NO_THROW(make_method("qjl:window=96,kflush=chunk", 128));

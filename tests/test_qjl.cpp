@@ -105,7 +105,8 @@ TEST(QjlEstimator, UnbiasedWithOutlierChannels) {
     nk_o = std::sqrt(nk_o);
     // The two terms share sketch rows, so they are not independent: bound the variance by Cauchy-Schwarz,
     // Var[a+b] <= (sd_a + sd_b)^2.
-    const double var_i = (kHalfPi * nq_i * nk_i * nk_i - ip_i * ip_i) / 64, var_o = (kHalfPi * nq_o * nk_o * nk_o - ip_o * ip_o) / 64;
+    const double var_i = (kHalfPi * nq_i * nk_i * nk_i - ip_i * ip_i) / 64,
+                 var_o = (kHalfPi * nq_o * nk_o * nk_o - ip_o * ip_o) / 64;
     const double sd = std::sqrt(var_i) + std::sqrt(var_o);
     const double mean = ip_i * half_ratio(nk_i) + ip_o * half_ratio(nk_o);
     EXPECT_NEAR(s.mean, mean, 5 * sd / std::sqrt(double(trials)));

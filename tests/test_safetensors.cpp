@@ -25,14 +25,16 @@ namespace {
 
 std::vector<std::uint8_t> make_file(const std::string& header, std::size_t data_bytes) {
     std::vector<std::uint8_t> out;
-    for (int i = 0; i < 8; ++i) out.push_back(static_cast<std::uint8_t>(static_cast<std::uint64_t>(header.size()) >> (8 * i)));
+    for (int i = 0; i < 8; ++i)
+        out.push_back(static_cast<std::uint8_t>(static_cast<std::uint64_t>(header.size()) >> (8 * i)));
     out.insert(out.end(), header.begin(), header.end());
     for (std::size_t i = 0; i < data_bytes; ++i) out.push_back(static_cast<std::uint8_t>(i * 37 + 1));
     return out;
 }
 
 // A one-tensor header with the given dtype/shape/offsets JSON fragments.
-std::string entry(const std::string& name, const std::string& dtype, const std::string& shape, const std::string& offsets) {
+std::string entry(const std::string& name, const std::string& dtype, const std::string& shape,
+                  const std::string& offsets) {
     return "\"" + name + "\":{\"dtype\":" + dtype + ",\"shape\":" + shape + ",\"data_offsets\":" + offsets + "}";
 }
 
@@ -59,8 +61,8 @@ std::uint32_t bits(float f) {
 std::vector<float> test_values(std::size_t n, std::uint32_t seed) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> nd(0.0f, 3.0f);
-    const float specials[] = {0.0f, -0.0f, 1.0f, -1.5f, 65504.0f, 65520.0f, 1e6f, -1e-7f, 6e-8f, 1e-40f,
-                              INFINITY, -INFINITY, NAN, 3.14159265f, 1.0f / 3.0f};
+    const float specials[] = {0.0f,  -0.0f,  1.0f,     -1.5f,     65504.0f, 65520.0f,    1e6f,       -1e-7f,
+                              6e-8f, 1e-40f, INFINITY, -INFINITY, NAN,      3.14159265f, 1.0f / 3.0f};
     std::vector<float> v(n);
     for (std::size_t i = 0; i < n; ++i) v[i] = i < std::size(specials) && seed % 2 == 0 ? specials[i] : nd(rng);
     return v;
@@ -82,8 +84,9 @@ struct TempDir {
 // is detectable.
 std::vector<std::uint8_t> sample_file() {
     static const std::vector<float> a = test_values(6, 2), b = test_values(4, 3), c = test_values(3, 4);
-    return kvq::io::serialize_safetensors({{"a", Dtype::F32, {2, 3}, a}, {"b", Dtype::F16, {4}, b}, {"c", Dtype::BF16, {3, 1}, c}},
-                                          {{"format", "pt"}, {"comment", "a reasonably long metadata string value"}});
+    return kvq::io::serialize_safetensors(
+        {{"a", Dtype::F32, {2, 3}, a}, {"b", Dtype::F16, {4}, b}, {"c", Dtype::BF16, {3, 1}, c}},
+        {{"format", "pt"}, {"comment", "a reasonably long metadata string value"}});
 }
 
 }  // namespace
@@ -98,7 +101,8 @@ TEST(Safetensors, RoundTripAllDtypesAndShapes) {
             std::int64_t n = 1;
             for (auto s : shape) n *= s;
             data.push_back(test_values(static_cast<std::size_t>(n), static_cast<std::uint32_t>(data.size())));
-            ts.push_back({std::string(kvq::io::dtype_name(d)) + "_" + kvq::io::shape_str(shape), d, shape, data.back()});
+            ts.push_back(
+                {std::string(kvq::io::dtype_name(d)) + "_" + kvq::io::shape_str(shape), d, shape, data.back()});
         }
     }
 
@@ -120,7 +124,8 @@ TEST(Safetensors, RoundTripAllDtypesAndShapes) {
         offset = info.end;
         const std::vector<float> got = f.read_f32(t.name, t.shape);
         ASSERT_EQ(got.size(), t.data.size());
-        for (std::size_t i = 0; i < got.size(); ++i) EXPECT_EQ(bits(got[i]), bits(expected_after(t.dtype, t.data[i]))) << i;
+        for (std::size_t i = 0; i < got.size(); ++i)
+            EXPECT_EQ(bits(got[i]), bits(expected_after(t.dtype, t.data[i]))) << i;
     }
     EXPECT_EQ(SafetensorsFile::parse(kvq::io::serialize_safetensors(ts)).names(), f.names());
 }
@@ -140,17 +145,27 @@ TEST(Safetensors, HeaderIsPaddedAndLittleEndian) {
 }
 
 TEST(Safetensors, MetadataRoundTrip) {
-    const std::map<std::string, std::string> meta = {{"format", "pt"}, {"note", "h\xC3\xA9llo \"quoted\"\n\\"}, {"", "empty key"}};
+    const std::map<std::string, std::string> meta = {
+        {"format", "pt"}, {"note", "h\xC3\xA9llo \"quoted\"\n\\"}, {"", "empty key"}};
     const std::vector<float> x = {1, 2, 3};
-    const SafetensorsFile f = SafetensorsFile::parse(kvq::io::serialize_safetensors({{"x", Dtype::BF16, {3}, x}}, meta));
+    const SafetensorsFile f =
+        SafetensorsFile::parse(kvq::io::serialize_safetensors({{"x", Dtype::BF16, {3}, x}}, meta));
     EXPECT_EQ(f.metadata(), meta);
     EXPECT_EQ(f.read_f32("x"), x);
     EXPECT_TRUE(SafetensorsFile::parse(kvq::io::serialize_safetensors({{"x", Dtype::F32, {3}, x}})).metadata().empty());
 }
 
 TEST(Safetensors, NonAsciiAndEscapedNames) {
-    const std::vector<std::string> names = {"caf\xC3\xA9", "\xE6\x97\xA5\xE6\x9C\xAC", "quote\"d", "back\\slash", "new\nline",
-                                            "\x01" "ctl", "emoji\xF0\x9F\x98\x80", "with space", ""};
+    const std::vector<std::string> names = {"caf\xC3\xA9",
+                                            "\xE6\x97\xA5\xE6\x9C\xAC",
+                                            "quote\"d",
+                                            "back\\slash",
+                                            "new\nline",
+                                            "\x01"
+                                            "ctl",
+                                            "emoji\xF0\x9F\x98\x80",
+                                            "with space",
+                                            ""};
     const std::vector<float> x = {0.5f};
     std::vector<TensorToWrite> ts;
     for (const auto& n : names) ts.push_back({n, Dtype::F16, {1}, x});
@@ -160,13 +175,14 @@ TEST(Safetensors, NonAsciiAndEscapedNames) {
         EXPECT_EQ(f.read_f32(n), x);
     }
     // Escapes written by other tools decode to the same names.
-    const SafetensorsFile g =
-        SafetensorsFile::parse(make_file("{" + entry("\\u00e9t\\u00e9\\ud83d\\ude00", "\"U8\"", "[2]", "[0,2]") + "}", 2));
+    const SafetensorsFile g = SafetensorsFile::parse(
+        make_file("{" + entry("\\u00e9t\\u00e9\\ud83d\\ude00", "\"U8\"", "[2]", "[0,2]") + "}", 2));
     EXPECT_TRUE(g.has("\xC3\xA9t\xC3\xA9\xF0\x9F\x98\x80"));
 }
 
 TEST(Safetensors, ReaderAccessErrors) {
-    const std::string h = "{" + entry("w", "\"F32\"", "[2,3]", "[0,24]") + "," + entry("i", "\"I32\"", "[2]", "[24,32]") + "}";
+    const std::string h =
+        "{" + entry("w", "\"F32\"", "[2,3]", "[0,24]") + "," + entry("i", "\"I32\"", "[2]", "[24,32]") + "}";
     const SafetensorsFile f = SafetensorsFile::parse(make_file(h, 32));
     EXPECT_EQ(f.names(), (std::vector<std::string>{"i", "w"}));
     EXPECT_EQ(f.info("i").dtype, Dtype::I32);
@@ -195,7 +211,10 @@ TEST(Safetensors, ReaderAccessErrors) {
 TEST(Safetensors, MalformedFiles) {
     for (std::size_t n = 0; n < 8; ++n) expect_parse_error(std::vector<std::uint8_t>(n, 0), "shorter than");
     auto big = make_file("{}", 0);
-    big[0] = 0x00; big[1] = 0xC2; big[2] = 0xEB; big[3] = 0x0B;  // 200,000,000
+    big[0] = 0x00;
+    big[1] = 0xC2;
+    big[2] = 0xEB;
+    big[3] = 0x0B;  // 200,000,000
     expect_parse_error(big, "exceeds the limit");
     std::fill(big.begin(), big.begin() + 8, 0xFF);
     expect_parse_error(big, "exceeds the limit");
@@ -231,7 +250,8 @@ TEST(Safetensors, MalformedFiles) {
     expect_header_error("{" + entry("t", "\"F32\"", "[2]", "[-8,0]") + "}", 8, "negative data offset");
     expect_header_error("{" + entry("t", "\"F32\"", "[2]", "[0,99999999999999999999]") + "}", 8, "int64 range");
     expect_header_error("{" + entry("t", "\"F32\"", "[2]", "[8,16]") + "}", 8, "beyond the data buffer");
-    expect_header_error("{" + entry("t", "\"F32\"", "[2]", "[0,9223372036854775807]") + "}", 8, "beyond the data buffer");
+    expect_header_error("{" + entry("t", "\"F32\"", "[2]", "[0,9223372036854775807]") + "}", 8,
+                        "beyond the data buffer");
     expect_header_error("{" + entry("t", "\"F32\"", "[3]", "[0,8]") + "}", 8, "need 12 bytes");
     expect_header_error("{" + entry("t", "\"F16\"", "[2]", "[0,8]") + "}", 8, "need 4 bytes");
     expect_header_error("{" + ok + "," + entry("u", "\"F32\"", "[2]", "[4,12]") + "}", 12, "overlap");
@@ -243,8 +263,8 @@ TEST(Safetensors, MalformedFiles) {
 }
 
 TEST(Safetensors, AcceptsHolesEmptyTensorsAndTrailingBytes) {
-    const std::string h = "{" + entry("a", "\"F32\"", "[2]", "[0,8]") + "," + entry("b", "\"F32\"", "[2]", "[16,24]") + "," +
-                          entry("e", "\"F32\"", "[0,3]", "[4,4]") + "," +
+    const std::string h = "{" + entry("a", "\"F32\"", "[2]", "[0,8]") + "," + entry("b", "\"F32\"", "[2]", "[16,24]") +
+                          "," + entry("e", "\"F32\"", "[0,3]", "[4,4]") + "," +
                           entry("z", "\"F32\"", "[4611686018427387904,4611686018427387904,0]", "[0,0]") + "}";
     const SafetensorsFile f = SafetensorsFile::parse(make_file(h, 40));
     EXPECT_EQ(f.read_f32("b").size(), 2u);
@@ -284,7 +304,8 @@ TEST(Safetensors, FileErrorsNameThePath) {
         EXPECT_NE(std::string(e.what()).find(missing), std::string::npos) << e.what();
     }
     const std::vector<float> x = {1};
-    EXPECT_THROW(kvq::io::write_safetensors((dir.path / "no_dir" / "f").string(), {{"x", Dtype::F32, {1}, x}}), kvq::Error);
+    EXPECT_THROW(kvq::io::write_safetensors((dir.path / "no_dir" / "f").string(), {{"x", Dtype::F32, {1}, x}}),
+                 kvq::Error);
     const std::string bad = (dir.path / "bad.safetensors").string();
     kvq::io::write_safetensors(bad, {{"x", Dtype::F32, {1}, x}});
     std::filesystem::resize_file(bad, std::filesystem::file_size(bad) - 1);
@@ -330,8 +351,7 @@ TEST(Safetensors, RandomHeaderCorruptionNeverCrashes) {
             for (const std::string& name : f.names()) {
                 try {
                     f.read_f32(name);
-                } catch (const kvq::Error&) {
-                }
+                } catch (const kvq::Error&) {}
             }
         } catch (const kvq::Error&) {
             ++rejected;

@@ -12,9 +12,9 @@
 #include <cmath>
 #include <random>
 
-#include "kvq/kvq.hpp"
 #include "kvq/cpu/kernels.hpp"
 #include "kvq/cpu/thread_pool.hpp"
+#include "kvq/kvq.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -112,8 +112,8 @@ TEST(Simd, QjlScoresMatchScalarLutWithinQuantizationBound) {
             c.score(pq, block.data(), B, 0, 3, got.data());
             double worst = 0, rms = 0;
             for (int t = 0; t < B; ++t) {
-                const double nk = kvq::half_to_float(reinterpret_cast<const kvq::half_t*>(
-                    block.data() + c.layout(B).token_side_offset())[t]);
+                const double nk = kvq::half_to_float(
+                    reinterpret_cast<const kvq::half_t*>(block.data() + c.layout(B).token_side_offset())[t]);
                 const double cin = std::sqrt(kvq::QjlKeyCodec::kHalfPi) / m;
                 const double bound = cin * nk * (m * step / 2 + 2 * m * kU * abs_p) + 1e-6 * std::fabs(ref[t]);
                 EXPECT_LE(std::fabs(got[t] - ref[t]), bound) << "m " << m << " level " << to_string(lv) << " t " << t;
@@ -152,7 +152,8 @@ TEST(Simd, TokenwiseGroupedAccumulateMatchesScalar) {
                     auto acc0 = kvq::test::normal_vector(std::size_t(G) * d, rng);
                     std::vector<float> ref = acc0;
                     for (int g = 0; g < G; ++g)
-                        c.accumulate(block.data(), B, first, n, w.data() + std::size_t(g) * B, ref.data() + std::size_t(g) * d);
+                        c.accumulate(block.data(), B, first, n, w.data() + std::size_t(g) * B,
+                                     ref.data() + std::size_t(g) * d);
                     for (SimdLevel lv : simd_levels()) {
                         kvq::cpu::ScopedSimdLimit s(lv);
                         std::vector<float> got = acc0;
@@ -168,12 +169,14 @@ TEST(Simd, TokenwiseGroupedAccumulateMatchesScalar) {
                                 double mag = std::fabs(acc0[std::size_t(g) * d + ch]);
                                 for (int i = 0; i < n; ++i) {
                                     const int tok = first + i;
-                                    const double mn = kvq::half_to_float(mins[std::size_t(tok) * (d / group) + ch / group]);
+                                    const double mn =
+                                        kvq::half_to_float(mins[std::size_t(tok) * (d / group) + ch / group]);
                                     mag += std::fabs(w[std::size_t(g) * B + i]) *
                                            (std::fabs(dec[std::size_t(tok) * d + ch]) + 2 * std::fabs(mn));
                                 }
                                 const double gam = (n + 4) * kU / (1 - (n + 4) * kU);
-                                ASSERT_LE(std::fabs(got[std::size_t(g) * d + ch] - ref[std::size_t(g) * d + ch]), 2 * gam * mag)
+                                ASSERT_LE(std::fabs(got[std::size_t(g) * d + ch] - ref[std::size_t(g) * d + ch]),
+                                          2 * gam * mag)
                                     << "bits " << bits << " group " << group << " G " << G << " " << to_string(lv);
                             }
                     }
@@ -216,11 +219,14 @@ TEST(Simd, TokenwiseGroupedScoreMatchesScalar) {
                         for (int i = 0; i < B - 2; ++i) {
                             double mag = 0;
                             for (int ch = 0; ch < d; ++ch) {
-                                const double mn = kvq::half_to_float(mins[std::size_t(2 + i) * (d / group) + ch / group]);
-                                mag += std::fabs(q[std::size_t(g) * d + ch]) * (std::fabs(dec[std::size_t(2 + i) * d + ch]) + 2 * std::fabs(mn));
+                                const double mn =
+                                    kvq::half_to_float(mins[std::size_t(2 + i) * (d / group) + ch / group]);
+                                mag += std::fabs(q[std::size_t(g) * d + ch]) *
+                                       (std::fabs(dec[std::size_t(2 + i) * d + ch]) + 2 * std::fabs(mn));
                             }
                             const double gam = (d + 4) * kU / (1 - (d + 4) * kU);
-                            ASSERT_LE(std::fabs(got[std::size_t(g) * B + i] - ref[std::size_t(g) * B + i]), 2 * gam * mag)
+                            ASSERT_LE(std::fabs(got[std::size_t(g) * B + i] - ref[std::size_t(g) * B + i]),
+                                      2 * gam * mag)
                                 << "bits " << bits << " group " << group << " " << to_string(lv);
                         }
                 }
@@ -320,7 +326,8 @@ AttnSetup make_cache(bool qjl, int T, std::uint64_t seed) {
     kvq::CacheConfig cfg{1, H, d, B, kvq::WindowPolicy{7}, kvq::WindowPolicy{3}, true};  // K and V windows differ
     AttnSetup s{std::make_shared<kvq::KvCache>(cfg, kc, vc), {}, {}, {}, Hq, H, d};
     std::mt19937_64 rng(seed);
-    auto k = kvq::test::normal_vector(std::size_t(T) * H * d, rng), v = kvq::test::normal_vector(std::size_t(T) * H * d, rng);
+    auto k = kvq::test::normal_vector(std::size_t(T) * H * d, rng),
+         v = kvq::test::normal_vector(std::size_t(T) * H * d, rng);
     s.cache->append(0, k.data(), v.data(), T);
     s.q = kvq::test::normal_vector(std::size_t(Hq) * d, rng);
     s.k_new = kvq::test::normal_vector(std::size_t(2) * H * d, rng);
@@ -332,8 +339,8 @@ std::vector<float> attend(const AttnSetup& s, kvq::AttentionWorkspace& ws, std::
     std::vector<float> out(std::size_t(s.Hq) * s.d);
     const int T = s.cache->tokens(0);
     if (scores) scores->assign(std::size_t(s.Hq) * (T + 2), 0.0f);
-    kvq::attend(*s.cache, 0, s.q.data(), s.Hq, T, kvq::ExactTokens{s.k_new.data(), s.v_new.data(), 2}, 2, out.data(), ws,
-                scores ? scores->data() : nullptr);
+    kvq::attend(*s.cache, 0, s.q.data(), s.Hq, T, kvq::ExactTokens{s.k_new.data(), s.v_new.data(), 2}, 2, out.data(),
+                ws, scores ? scores->data() : nullptr);
     return out;
 }
 
@@ -389,7 +396,11 @@ TEST(ParallelAttention, ThreadPoolRunsEveryTaskAndPropagatesErrors) {
     std::vector<int> hit(1000, 0);
     for (int rep = 0; rep < 20; ++rep) pool.parallel_for(1000, [&](int i) { hit[i]++; });
     for (int h : hit) EXPECT_EQ(h, 20);
-    EXPECT_THROW(pool.parallel_for(10, [](int i) { if (i == 3) throw std::runtime_error("x"); }), std::runtime_error);
+    EXPECT_THROW(pool.parallel_for(10,
+                                   [](int i) {
+                                       if (i == 3) throw std::runtime_error("x");
+                                   }),
+                 std::runtime_error);
 }
 
 }  // namespace

@@ -12,8 +12,8 @@
 #include <cmath>
 #include <random>
 
-#include "kvq/kvq.hpp"
 #include "kvq/cpu/kernels.hpp"
+#include "kvq/kvq.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -111,17 +111,21 @@ TEST(SimdGroup, QjlOutlierFastScoresWithinQuantizationBound) {
                     std::vector<float> pin(c.sketch_rows()), pout(c.sketch_rows());
                     for (int i = 0; i < n; ++i) {
                         const int tok = first + i;
-                        kvq::cpu::qjl_outlier_proj_scalar(c.sketch_t_for_tests(), c.sketch_rows(), ids + tok / 32 * ko, ko,
-                                                          q.data() + std::size_t(g) * d, pe[g].data.data(), m,
+                        kvq::cpu::qjl_outlier_proj_scalar(c.sketch_t_for_tests(), c.sketch_rows(), ids + tok / 32 * ko,
+                                                          ko, q.data() + std::size_t(g) * d, pe[g].data.data(), m,
                                                           pin.data(), pout.data());
                         double ai = 0, ao = 0, si = 0, so = 0;
-                        for (int j = 0; j < m; ++j) ai = std::max(ai, double(std::fabs(pin[j]))), si += std::fabs(pin[j]);
-                        for (int j = 0; j < mo; ++j) ao = std::max(ao, double(std::fabs(pout[j]))), so += std::fabs(pout[j]);
-                        const double ci = std::sqrt(kvq::QjlKeyCodec::kHalfPi) / m, co = std::sqrt(kvq::QjlKeyCodec::kHalfPi) / mo;
+                        for (int j = 0; j < m; ++j)
+                            ai = std::max(ai, double(std::fabs(pin[j]))), si += std::fabs(pin[j]);
+                        for (int j = 0; j < mo; ++j)
+                            ao = std::max(ao, double(std::fabs(pout[j]))), so += std::fabs(pout[j]);
+                        const double ci = std::sqrt(kvq::QjlKeyCodec::kHalfPi) / m,
+                                     co = std::sqrt(kvq::QjlKeyCodec::kHalfPi) / mo;
                         const double ki = kvq::half_to_float(nin[tok]), kout = kvq::half_to_float(nout[tok]);
-                        const double bound = ci * ki * (m * (ai / 127) / 2 * (1 + 1e-5) + 2 * m * kU * si + 4 * ko * kU * m * ai) +
-                                             co * kout * (mo * (ao / 127) / 2 * (1 + 1e-5) + 2 * mo * kU * so + 4 * ko * kU * mo * ao) +
-                                             1e-6 * std::fabs(ref[i]);
+                        const double bound =
+                            ci * ki * (m * (ai / 127) / 2 * (1 + 1e-5) + 2 * m * kU * si + 4 * ko * kU * m * ai) +
+                            co * kout * (mo * (ao / 127) / 2 * (1 + 1e-5) + 2 * mo * kU * so + 4 * ko * kU * mo * ao) +
+                            1e-6 * std::fabs(ref[i]);
                         EXPECT_LE(std::fabs(got[std::size_t(g) * n + i] - ref[i]), bound)
                             << "m " << m << " mo " << mo << " G " << G << " tok " << tok;
                         EXPECT_EQ(one[i], got[std::size_t(g) * n + i]) << "score() and score_group() agree";

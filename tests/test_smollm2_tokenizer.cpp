@@ -54,7 +54,9 @@ TEST(SmolLM2Tokenizer, PlainSentenceMatchesReference) {
     const std::vector<int> ids = tok.encode("The Capital of France is", /*add_bos=*/false);
     EXPECT_EQ(ids, (std::vector<int>{504, 14937, 282, 4649, 314}));
     ASSERT_EQ(ids.size(), 5u);
-    EXPECT_EQ(tok.token(ids[1]), "\xC4\xA0" "Capital");  // 'Ġ' (U+0120) stands for the leading space
+    EXPECT_EQ(tok.token(ids[1]),
+              "\xC4\xA0"
+              "Capital");  // 'Ġ' (U+0120) stands for the leading space
     EXPECT_EQ(tok.decode(ids), "The Capital of France is");
 }
 
@@ -65,9 +67,9 @@ TEST(SmolLM2Tokenizer, ChatTemplateWithSpecialTokensMatchesReference) {
     const std::string chat =
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nThe Capital of France is<|im_end|>\n<|im_start|>assistant\n";
-    const std::vector<int> expected = {1,     9690, 198,  2683,  359, 253,  5356, 5646, 11173, 3365, 3511, 308,
-                                       34519, 28,   7018, 411,   407, 19712, 8182, 2,    198,   1,    4093, 198,
-                                       504,   14937, 282, 4649,  314, 2,    198,  1,    520,   9531, 198};
+    const std::vector<int> expected = {1,     9690,  198,  2683, 359, 253,   5356, 5646, 11173, 3365, 3511, 308,
+                                       34519, 28,    7018, 411,  407, 19712, 8182, 2,    198,   1,    4093, 198,
+                                       504,   14937, 282,  4649, 314, 2,     198,  1,    520,   9531, 198};
     const std::vector<int> ids = tok.encode(chat, /*add_bos=*/false);
     EXPECT_EQ(ids, expected);
     EXPECT_EQ(tok.decode(ids), chat);

@@ -79,7 +79,8 @@ TEST(Synthetic, ShorterSequencesArePrefixes) {
             ASSERT_EQ(part[1].v[std::size_t(h) * 100 * d + i], full[1].v[std::size_t(h) * 256 * d + i]);
         }
     for (int g = 0; g < s.q_heads; ++g)
-        for (int i = 0; i < 100 * d; ++i) ASSERT_EQ(part[1].q[std::size_t(g) * 100 * d + i], full[1].q[std::size_t(g) * 256 * d + i]);
+        for (int i = 0; i < 100 * d; ++i)
+            ASSERT_EQ(part[1].q[std::size_t(g) * 100 * d + i], full[1].q[std::size_t(g) * 256 * d + i]);
 }
 
 // Per (layer, head, channel): mean and root-mean-square of the keys over tokens.
@@ -150,7 +151,8 @@ TEST(Synthetic, AttentionIsPeaked) {
             std::vector<double> sc(t + 1);
             for (int j = 0; j <= t; ++j) {
                 double a = 0;
-                for (int c = 0; c < d; ++c) a += double(L.q[(std::size_t(g) * T + t) * d + c]) * L.k[(std::size_t(h) * T + j) * d + c];
+                for (int c = 0; c < d; ++c)
+                    a += double(L.q[(std::size_t(g) * T + t) * d + c]) * L.k[(std::size_t(h) * T + j) * d + c];
                 sc[j] = a / std::sqrt(double(d));
             }
             const double mx = *std::max_element(sc.begin(), sc.end());
@@ -160,8 +162,8 @@ TEST(Synthetic, AttentionIsPeaked) {
             ++n;
         }
     const double mean_peak = peak_sum / n;
-    EXPECT_GT(mean_peak, 0.2);   // uniform would be ~1/700
-    EXPECT_LT(mean_peak, 0.8);   // but not one-hot
+    EXPECT_GT(mean_peak, 0.2);  // uniform would be ~1/700
+    EXPECT_LT(mean_peak, 0.8);  // but not one-hot
 }
 
 TEST(Synthetic, ValidatesSpec) {

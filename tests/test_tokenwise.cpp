@@ -70,7 +70,8 @@ TEST(Tokenwise, ScoreAndAccumulateMatchTheDecodedVectors) {
         c.accumulate(block.data(), B, 3, B - 3, w.data(), acc.data());
         for (int t = 3; t < B; ++t) {
             const double ref = kvq::test::dot64(q.data(), &y[t * d], d);
-            // float accumulation over d = 128 terms: error <= d * eps * sum|q_i y_i|, bounded loosely by 1e-4 * ||q|| ||y||
+            // float accumulation over d = 128 terms: error <= d * eps * sum|q_i y_i|, bounded loosely by 1e-4 * ||q||
+            // ||y||
             EXPECT_NEAR(s[t - 3], ref, 1e-4 * kvq::test::norm64(q.data(), d) * kvq::test::norm64(&y[t * d], d));
         }
         for (int i = 0; i < d; ++i) {

@@ -98,7 +98,8 @@ TEST(W4Grid, WeightsSpecAndBadInput) {
     for (int l = 0; l < ck.config.n_layers; ++l)
         for (int i = 0; i < kvq::wq::kBlockLinears; ++i) {
             const auto& W = kvq::wq::block_linear(ck.weights.layers[std::size_t(l)], i);
-            const auto g = grid->layers[std::size_t(l)].m[i].dequantize(), r = rtn->layers[std::size_t(l)].m[i].dequantize();
+            const auto g = grid->layers[std::size_t(l)].m[i].dequantize(),
+                       r = rtn->layers[std::size_t(l)].m[i].dequantize();
             for (std::size_t k = 0; k < W.size(); ++k) {
                 e_grid += (double(g[k]) - W[k]) * (double(g[k]) - W[k]);
                 e_rtn += (double(r[k]) - W[k]) * (double(r[k]) - W[k]);

@@ -16,8 +16,8 @@
 #include <random>
 #include <vector>
 
-#include "kvq/kvq.hpp"
 #include "kvq/io/cache_file.hpp"
+#include "kvq/kvq.hpp"
 
 namespace {
 constexpr int kLayers = 2, kKvHeads = 2, kQHeads = 8, kHeadDim = 128, kBlock = 64;

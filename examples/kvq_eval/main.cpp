@@ -163,7 +163,8 @@ bool parse_args(int argc, char** argv, Options& o) {
             o.window = parse_int_arg(a, take(), 0, 1u << 20);
         } else if (a == "--block") {
             o.block = parse_int_arg(a, take(), 1, 4096);
-            if ((o.block & (o.block - 1)) != 0) usage_error("--block must be a power of two, got " + std::to_string(o.block));
+            if ((o.block & (o.block - 1)) != 0)
+                usage_error("--block must be a power of two, got " + std::to_string(o.block));
         } else if (a == "--max-tokens") {
             o.max_tokens = parse_int_arg(a, take(), 1, 1u << 24);
         } else if (a == "--tokens") {
@@ -182,10 +183,20 @@ bool parse_args(int argc, char** argv, Options& o) {
     if (!o.kv_path.empty() && (o.tokens >= 0 || o.layers >= 0 || o.seed_given))
         usage_error("--tokens, --layers and --seed describe the synthetic workload and cannot be combined with --kv");
     if (o.methods.empty())
-        o.methods = {"fp16",        "int8",        "int4",        "int2",
-                     "qjl:m=128",   "qjl:m=256",   "qjl:m=512",   "kivi:bits=2",
-                     "kivi:bits=4", "wkv:bits=4,calib=none", "wkv:bits=4", "wkv:bits=4,calib=opt",
-                     "wkv:bits=4,poq=off", "k=qjl:m=256;v=wkv:bits=4"};
+        o.methods = {"fp16",
+                     "int8",
+                     "int4",
+                     "int2",
+                     "qjl:m=128",
+                     "qjl:m=256",
+                     "qjl:m=512",
+                     "kivi:bits=2",
+                     "kivi:bits=4",
+                     "wkv:bits=4,calib=none",
+                     "wkv:bits=4",
+                     "wkv:bits=4,calib=opt",
+                     "wkv:bits=4,poq=off",
+                     "k=qjl:m=256;v=wkv:bits=4"};
     return true;
 }
 
@@ -278,13 +289,15 @@ Workload dump_workload(const Options& o) {
         KVQ_CHECK(ks == kshape, "", p, "k has shape ", shape_str(ks), " but layers.0.k has ", shape_str(kshape),
                   " (every layer must have the same shape)");
         const std::vector<std::int64_t>& vs = f.info(p + "v").shape;
-        KVQ_CHECK(vs == kshape, "", p, "v has shape ", shape_str(vs), ", expected the shape of ", p, "k ", shape_str(kshape));
+        KVQ_CHECK(vs == kshape, "", p, "v has shape ", shape_str(vs), ", expected the shape of ", p, "k ",
+                  shape_str(kshape));
         KVQ_CHECK(f.has(p + "q") == has_q, "", (has_q ? "layers.0.q exists but " : ""), p, "q ",
-                  (has_q ? "is missing" : "exists but layers.0.q does not"), " (queries must be given for all layers or none)");
+                  (has_q ? "is missing" : "exists but layers.0.q does not"),
+                  " (queries must be given for all layers or none)");
         if (has_q) {
             const std::vector<std::int64_t>& qs = f.info(p + "q").shape;
-            KVQ_CHECK(qs.size() == 3 && qs[1] == kshape[1] && qs[2] == kshape[2] && qs[0] >= kshape[0] && qs[0] <= 4096 &&
-                          qs[0] % kshape[0] == 0,
+            KVQ_CHECK(qs.size() == 3 && qs[1] == kshape[1] && qs[2] == kshape[2] && qs[0] >= kshape[0] &&
+                          qs[0] <= 4096 && qs[0] % kshape[0] == 0,
                       "", p, "q has shape ", shape_str(qs), ", expected [H_q, ", kshape[1], ", ", kshape[2],
                       "] with H_q a multiple of H_kv = ", kshape[0]);
             if (l == 0) qshape = qs;
@@ -298,7 +311,8 @@ Workload dump_workload(const Options& o) {
     w.head_dim = static_cast<int>(kshape[2]);
     w.q_heads = has_q ? static_cast<int>(qshape[0]) : w.kv_heads;
     w.tokens = o.max_tokens > 0 ? std::min(o.max_tokens, w.tokens_available) : w.tokens_available;
-    w.queries = has_q ? "layers.L.q" : "none in the file: the keys serve as queries (H_q = H_kv, q_t = k_t of the same head)";
+    w.queries =
+        has_q ? "layers.L.q" : "none in the file: the keys serve as queries (H_q = H_kv, q_t = k_t of the same head)";
     const int T_all = w.tokens_available, T = w.tokens, d = w.head_dim;
     for (int l = 0; l < w.layers; ++l) {
         const std::string p = "layers." + std::to_string(l) + ".";
@@ -317,8 +331,9 @@ Workload dump_workload(const Options& o) {
         }
         w.data.push_back(std::move(L));
     }
-    w.description = "dump " + o.kv_path + ": layers=" + std::to_string(w.layers) + " kv_heads=" + std::to_string(w.kv_heads) +
-                    " q_heads=" + std::to_string(w.q_heads) + " head_dim=" + std::to_string(d) + " tokens=" + std::to_string(T) +
+    w.description = "dump " + o.kv_path + ": layers=" + std::to_string(w.layers) +
+                    " kv_heads=" + std::to_string(w.kv_heads) + " q_heads=" + std::to_string(w.q_heads) +
+                    " head_dim=" + std::to_string(d) + " tokens=" + std::to_string(T) +
                     (T < T_all ? " (of " + std::to_string(T_all) + ")" : "");
     return w;
 }
@@ -448,8 +463,10 @@ void run_layer(const kvq::eval::Method& m, const Layer& L, const Reference& ref,
         const float* qt = L.q.data() + std::size_t(t) * Hq * d;
         const float* kt = L.k.data() + std::size_t(t) * Hk * d;
         const float* vt = L.v.data() + std::size_t(t) * Hk * d;
-        if (wkv) wkv->decode_step(0, qt, Hq, kt, vt, out.data(), ws, scores.data());
-        else kvq::decode_step(*plain, 0, qt, Hq, kt, vt, out.data(), ws, scores.data());
+        if (wkv)
+            wkv->decode_step(0, qt, Hq, kt, vt, out.data(), ws, scores.data());
+        else
+            kvq::decode_step(*plain, 0, qt, Hq, kt, vt, out.data(), ws, scores.data());
         r.seconds += seconds_since(t0);
         if (t < metric_from) continue;
         const float* s_ref = ref.scores.data() + ref.offset(t);
@@ -491,7 +508,8 @@ std::string quote(const std::string& s) {
     }
 }
 
-void print_json(const Workload& w, const Options& o, const std::vector<Result>& results, int metric_from, int calib_tokens) {
+void print_json(const Workload& w, const Options& o, const std::vector<Result>& results, int metric_from,
+                int calib_tokens) {
     std::string s = "{\"methods\":[";
     for (std::size_t i = 0; i < results.size(); ++i) {
         const Result& r = results[i];
@@ -531,20 +549,26 @@ void print_table(const Workload& w, const Options& o, const std::vector<Result>&
     std::printf("kvq-eval %s\n", kvq::version());
     std::printf("workload: %s\n", w.description.c_str());
     std::printf("queries:  %s\n", w.queries.c_str());
-    std::printf("decode:   %d steps x %d layers, %d query / %d KV heads, d=%d; past-only (unless poq=off), block=%d, window=%d (fp32, sliding)\n",
-                w.tokens, w.layers, w.q_heads, w.kv_heads, w.head_dim, o.block, o.window);
+    std::printf(
+        "decode:   %d steps x %d layers, %d query / %d KV heads, d=%d; past-only (unless poq=off), block=%d, window=%d "
+        "(fp32, sliding)\n",
+        w.tokens, w.layers, w.q_heads, w.kv_heads, w.head_dim, o.block, o.window);
     if (calib_tokens > 0)
-        std::printf("calib:    WKV smoothing calibrated per layer on tokens [0, %d) of each %s; metrics of every method over decode steps [%d, %d) only (no leakage)\n",
-                    calib_tokens, w.source == "synthetic" ? "synthetic layer" : "dump layer", metric_from, w.tokens);
-    std::printf("errors vs exact float64 causal attention; bits/elem include all metadata; window KiB = fp32 window at the end\n\n");
+        std::printf(
+            "calib:    WKV smoothing calibrated per layer on tokens [0, %d) of each %s; metrics of every method over "
+            "decode steps [%d, %d) only (no leakage)\n",
+            calib_tokens, w.source == "synthetic" ? "synthetic layer" : "dump layer", metric_from, w.tokens);
+    std::printf(
+        "errors vs exact float64 causal attention; bits/elem include all metadata; window KiB = fp32 window at the "
+        "end\n\n");
     std::size_t nw = 6;
     for (const Result& r : results) nw = std::max(nw, r.name.size());
     const int W = static_cast<int>(nw);
-    std::printf("%-*s  %7s  %7s  %9s  %13s  %12s  %10s  %8s\n", W, "method", "K bits", "V bits", "bits/elem", "score_rel_err",
-                "attn_rel_err", "window KiB", "seconds");
+    std::printf("%-*s  %7s  %7s  %9s  %13s  %12s  %10s  %8s\n", W, "method", "K bits", "V bits", "bits/elem",
+                "score_rel_err", "attn_rel_err", "window KiB", "seconds");
     for (const Result& r : results)
-        std::printf("%-*s  %7.3f  %7.3f  %9.3f  %13.4e  %12.4e  %10.1f  %8.2f\n", W, r.name.c_str(), r.key_bits, r.value_bits,
-                    r.bits(), r.score_err(), r.attn_err(), double(r.window_bytes) / 1024.0, r.seconds);
+        std::printf("%-*s  %7.3f  %7.3f  %9.3f  %13.4e  %12.4e  %10.1f  %8.2f\n", W, r.name.c_str(), r.key_bits,
+                    r.value_bits, r.bits(), r.score_err(), r.attn_err(), double(r.window_bytes) / 1024.0, r.seconds);
     std::printf("\n");
     for (const Result& r : results) std::printf("%-*s  = %s\n", W, r.name.c_str(), r.description.c_str());
     std::printf("\nreference: %.2f s; total: %.2f s\n", reference_seconds, total_seconds);
@@ -572,7 +596,8 @@ int run(const Options& o) {
         results[i].description = methods[i].description();
         // Validate the cache configuration (block size vs codec granularity) up front.
         try {
-            kvq::KvCache probe(methods[i].cache_config(1, w.kv_heads, o.block), methods[i].key_codec, methods[i].value_codec);
+            kvq::KvCache probe(methods[i].cache_config(1, w.kv_heads, o.block), methods[i].key_codec,
+                               methods[i].value_codec);
         } catch (const kvq::Error& e) {
             KVQ_THROW("method \"", results[i].name, "\" with --block ", o.block, " and ", w.kv_heads,
                       " KV heads: ", kvq::eval::detail::inner_message(e));
@@ -584,7 +609,8 @@ int run(const Options& o) {
         calibrates |= (m.smooth_keys && m.key_calib != kvq::calib::CalibMode::None) ||
                       (m.smooth_values && m.value_calib != kvq::calib::CalibMode::None);
     const int calib_tokens = calibrates ? w.tokens / 2 : 0, metric_from = calib_tokens;
-    KVQ_CHECK(!calibrates || calib_tokens >= 2, "WKV calibration needs at least 4 tokens (half for calibration), got ", w.tokens);
+    KVQ_CHECK(!calibrates || calib_tokens >= 2, "WKV calibration needs at least 4 tokens (half for calibration), got ",
+              w.tokens);
     double reference_seconds = 0;
     // Progress on stderr (layers x (reference + methods) steps), only for a terminal or --progress.
     std::optional<kvq::ProgressMeter> meter;
@@ -607,8 +633,10 @@ int run(const Options& o) {
     }
     if (meter) std::fputs(meter->finish().c_str(), stderr);
 
-    if (o.json) print_json(w, o, results, metric_from, calib_tokens);
-    else print_table(w, o, results, seconds_since(t_start), reference_seconds, metric_from, calib_tokens);
+    if (o.json)
+        print_json(w, o, results, metric_from, calib_tokens);
+    else
+        print_table(w, o, results, seconds_since(t_start), reference_seconds, metric_from, calib_tokens);
     return 0;
 }
 

@@ -15,8 +15,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cctype>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -25,25 +25,25 @@
 #include <functional>
 #include <iostream>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include "kvq/kvq.hpp"
 #include "kvq/core/progress.hpp"
 #include "kvq/eval/method_spec.hpp"
-#include "kvq/io/llama2c.hpp"
 #include "kvq/io/gguf.hpp"
 #include "kvq/io/gpt2_bpe_tokenizer.hpp"
+#include "kvq/io/llama2c.hpp"
 #include "kvq/io/llama2c_tokenizer.hpp"
+#include "kvq/io/w4_file.hpp"
+#include "kvq/kvq.hpp"
 #include "kvq/model/gguf_llama.hpp"
 #include "kvq/model/kv_cache_backend.hpp"
 #include "kvq/model/kv_dump.hpp"
 #include "kvq/model/llama.hpp"
-#include "kvq/io/w4_file.hpp"
 
 namespace fs = std::filesystem;
 
@@ -135,10 +135,9 @@ struct Args {
 };
 
 Args parse_args(int argc, char** argv) {
-    static const std::vector<std::string> kValued = {"model", "tokenizer", "kv",   "prompt", "steps",  "temperature",
-                                                     "seed",  "text",      "context", "block", "max-seq", "weights",
-                                                     "dump-kv", "dump-dtype", "calib-text", "calib-tokens",
-                                                     "max-tokens"};
+    static const std::vector<std::string> kValued = {
+        "model", "tokenizer", "kv",      "prompt",  "steps",      "temperature", "seed",         "text",      "context",
+        "block", "max-seq",   "weights", "dump-kv", "dump-dtype", "calib-text",  "calib-tokens", "max-tokens"};
     if (argc < 2) throw UsageError("missing MODE");
     Args a;
     a.mode = argv[1];
@@ -282,8 +281,8 @@ Method make_method(const std::string& text, int head_dim, int block_tokens) {
 
 struct Loaded {
     kvq::model::LlamaModel model;
-    std::optional<kvq::io::Llama2cTokenizer> tok;   // llama2.c models
-    std::optional<kvq::io::Gpt2BpeTokenizer> bpe;   // GGUF models
+    std::optional<kvq::io::Llama2cTokenizer> tok;  // llama2.c models
+    std::optional<kvq::io::Gpt2BpeTokenizer> bpe;  // GGUF models
     std::string model_path, tok_path;
     bool add_bos = true;  // GGUF: tokenizer.ggml.add_bos_token
 
@@ -334,8 +333,12 @@ Loaded load(const Args& a, const fs::path& exe_dir) {
             throw kvq::Error("kvq-llama: tokenizer has " + std::to_string(bpe.vocab_size()) + " tokens, model " +
                              std::to_string(g.config.vocab_size));
         const bool add_bos = f.has("tokenizer.ggml.add_bos_token") && f.get("tokenizer.ggml.add_bos_token").u != 0;
-        Loaded L{kvq::model::LlamaModel(g.config, std::move(g.weights)), std::nullopt, std::move(bpe), model_path,
-                 model_path, add_bos};
+        Loaded L{kvq::model::LlamaModel(g.config, std::move(g.weights)),
+                 std::nullopt,
+                 std::move(bpe),
+                 model_path,
+                 model_path,
+                 add_bos};
         L.model.set_fast_matvec(true);
         return L;
     }
@@ -358,8 +361,12 @@ Loaded load(const Args& a, const fs::path& exe_dir) {
     }
     auto ck = kvq::io::load_llama2c(model_path);
     auto tok = kvq::io::load_llama2c_tokenizer(tok_path, ck.config.vocab_size);
-    return Loaded{kvq::model::LlamaModel(ck.config, std::move(ck.weights)), std::move(tok), std::nullopt, model_path,
-                  tok_path, true};
+    return Loaded{kvq::model::LlamaModel(ck.config, std::move(ck.weights)),
+                  std::move(tok),
+                  std::nullopt,
+                  model_path,
+                  tok_path,
+                  true};
 }
 
 // ---------------------------------------------------------------- progress on stderr
@@ -419,7 +426,8 @@ std::shared_ptr<const kvq::WkvParams> calibrate_wkv(const Loaded& L, const Args&
     if (!calibrates) return P;  // calib=none: delta = 0, s = 1
     if (!src.rec) {
         const long long n = a.integer("calib-tokens", 512);
-        if (n < 4 || n > c.seq_len) throw UsageError("--calib-tokens must be in [4, seq_len = " + std::to_string(c.seq_len) + "]");
+        if (n < 4 || n > c.seq_len)
+            throw UsageError("--calib-tokens must be in [4, seq_len = " + std::to_string(c.seq_len) + "]");
         src.path = a.has("calib-text") ? a.str("calib-text") : embedded_story(exe_dir);
         std::vector<int> tokens = L.encode(read_text_file(src.path));
         if (tokens.size() > std::size_t(n)) tokens.resize(std::size_t(n));
@@ -438,7 +446,8 @@ std::shared_ptr<const kvq::WkvParams> calibrate_wkv(const Loaded& L, const Args&
         // Same rules as kvq-eval's calibrate_layer: an unsmoothed or calib=none side keeps the identity.
         const kvq::WkvLayerParams id = P->layers[std::size_t(l)];
         if (!m.em.smooth_keys || m.em.key_calib == CalibMode::None) lp.k_shift = id.k_shift, lp.k_scale = id.k_scale;
-        if (!m.em.smooth_values || m.em.value_calib == CalibMode::None) lp.v_shift = id.v_shift, lp.v_scale = id.v_scale;
+        if (!m.em.smooth_values || m.em.value_calib == CalibMode::None)
+            lp.v_shift = id.v_shift, lp.v_scale = id.v_scale;
         if (m.em.key_calib == CalibMode::Opt || m.em.value_calib == CalibMode::Opt) {
             kvq::calib::OptOptions oo;
             oo.bits = m.em.calib_bits;
@@ -498,8 +507,8 @@ std::vector<std::vector<int>> context_windows(const std::vector<int>& tokens, in
 struct RunResult {
     double nll = 0;
     long predictions = 0;
-    double seconds = 0;        // forward time over all windows
-    std::size_t kv_bytes = 0;  // bytes in use at the end of the longest window
+    double seconds = 0;           // forward time over all windows
+    std::size_t kv_bytes = 0;     // bytes in use at the end of the longest window
     std::size_t param_bytes = 0;  // WKV smoothing parameters (model constants, counted in effective bits)
     std::size_t kv_elements = 0;  // K and V elements cached at the end of the longest window
     int kv_tokens = 0;            // tokens cached then (per layer)
@@ -566,7 +575,6 @@ struct KlAccumulator {
     }
     KlStats stats() const { return n ? KlStats{sum / double(n), max, agree / double(n)} : KlStats{}; }
 };
-
 
 std::string json_escape(const std::string& s) {
     std::string o;
@@ -644,10 +652,14 @@ void write_dump(const Args& a, const Loaded& L, const kvq::model::KvRecorder& re
                 const std::string& source) {
     const std::string t = a.str("dump-dtype", "f32");
     kvq::io::Dtype dtype;
-    if (t == "f32") dtype = kvq::io::Dtype::F32;
-    else if (t == "f16") dtype = kvq::io::Dtype::F16;
-    else if (t == "bf16") dtype = kvq::io::Dtype::BF16;
-    else throw UsageError("--dump-dtype must be f32, f16 or bf16, got '" + t + "'");
+    if (t == "f32")
+        dtype = kvq::io::Dtype::F32;
+    else if (t == "f16")
+        dtype = kvq::io::Dtype::F16;
+    else if (t == "bf16")
+        dtype = kvq::io::Dtype::BF16;
+    else
+        throw UsageError("--dump-dtype must be f32, f16 or bf16, got '" + t + "'");
     // File names only: a dump may travel to another machine.
     const std::map<std::string, std::string> meta = {{"writer", "kvq-llama"},
                                                      {"model", fs::path(L.model_path).filename().string()},
@@ -710,11 +722,12 @@ int run_generate(const Loaded& L, const Args& a, const Method& m, std::shared_pt
     const double tps = secs > 0 ? forwards / secs : 0;
     const kvq::MemoryReport mem = backend->memory();
     if (a.json) {
-        std::printf("{\"method\":\"%s\",\"text\":\"%s\",\"prompt_tokens\":%zu,\"generated_tokens\":%d,"
-                    "\"tokens_per_s\":%.1f,\"kv_bytes\":%zu,\"key_bits_per_element\":%.4f,"
-                    "\"value_bits_per_element\":%.4f}\n",
-                    json_escape(m.spec).c_str(), json_escape(text).c_str(), prompt.size(), generated, tps, kv_bytes,
-                    mem.key_bits_per_element, mem.value_bits_per_element);
+        std::printf(
+            "{\"method\":\"%s\",\"text\":\"%s\",\"prompt_tokens\":%zu,\"generated_tokens\":%d,"
+            "\"tokens_per_s\":%.1f,\"kv_bytes\":%zu,\"key_bits_per_element\":%.4f,"
+            "\"value_bits_per_element\":%.4f}\n",
+            json_escape(m.spec).c_str(), json_escape(text).c_str(), prompt.size(), generated, tps, kv_bytes,
+            mem.key_bits_per_element, mem.value_bits_per_element);
     } else {
         std::printf("%s\n\n", text.c_str());
         std::printf("method %s (K %.3f, V %.3f bits/element)\n", m.spec.c_str(), mem.key_bits_per_element,
@@ -749,7 +762,8 @@ std::vector<Method> methods_of(const Args& a, const Loaded& L, int block) {
         throw UsageError("--dump-kv records one method's run; give a single --kv with it");
     if (a.has("dump-kv")) {  // fail now, not after a long run
         const std::string t = a.str("dump-dtype", "f32");
-        if (t != "f32" && t != "f16" && t != "bf16") throw UsageError("--dump-dtype must be f32, f16 or bf16, got '" + t + "'");
+        if (t != "f32" && t != "f16" && t != "bf16")
+            throw UsageError("--dump-dtype must be f32, f16 or bf16, got '" + t + "'");
         const fs::path out = a.str("dump-kv");
         std::error_code ec;
         const fs::path dir = out.parent_path().empty() ? fs::path(".") : out.parent_path();
@@ -785,10 +799,11 @@ int run_ppl(const Loaded& L, const Args& a, const fs::path& exe_dir, const std::
         if (a.json) {
             std::printf("{%s}\n", run_json_fields(m, r, context).c_str());
         } else {
-            std::printf("method %s: perplexity %.4f  nll %.4f  (K %.3f, V %.3f bits/element; %.3f bits/element with "
-                        "windows and padding; KV %.3f MB at %d tokens; %.1f tokens/s)\n",
-                        m.spec.c_str(), r.ppl(), r.nll, r.mem.key_bits_per_element, r.mem.value_bits_per_element,
-                        r.effective_bits(), double(r.kv_bytes) / 1e6, r.kv_tokens, r.tokens_per_s());
+            std::printf(
+                "method %s: perplexity %.4f  nll %.4f  (K %.3f, V %.3f bits/element; %.3f bits/element with "
+                "windows and padding; KV %.3f MB at %d tokens; %.1f tokens/s)\n",
+                m.spec.c_str(), r.ppl(), r.nll, r.mem.key_bits_per_element, r.mem.value_bits_per_element,
+                r.effective_bits(), double(r.kv_bytes) / 1e6, r.kv_tokens, r.tokens_per_s());
         }
         std::fflush(stdout);
         if (recorder) write_dump(a, L, *recorder, m, "ppl, first window of " + fs::path(path).filename().string());
@@ -830,10 +845,11 @@ int run_kl(const Loaded& L, const Args& a, const fs::path& exe_dir, const std::v
             std::printf("{%s,\"mean_kl\":%.8g,\"max_kl\":%.8g,\"top1_agreement\":%.6f,\"ppl_fp32\":%.6f}\n",
                         run_json_fields(m, got, context).c_str(), s.mean, s.max, s.top1, ref.ppl());
         } else {
-            std::printf("method %s vs fp32 cache: mean KL %.6g nats, max KL %.6g, top-1 agreement %.2f%%; "
-                        "ppl %.4f (fp32 %.4f); %.3f bits/element with windows and padding, KV %.3f MB, %.1f tokens/s\n",
-                        m.spec.c_str(), s.mean, s.max, 100 * s.top1, got.ppl(), ref.ppl(), got.effective_bits(),
-                        double(got.kv_bytes) / 1e6, got.tokens_per_s());
+            std::printf(
+                "method %s vs fp32 cache: mean KL %.6g nats, max KL %.6g, top-1 agreement %.2f%%; "
+                "ppl %.4f (fp32 %.4f); %.3f bits/element with windows and padding, KV %.3f MB, %.1f tokens/s\n",
+                m.spec.c_str(), s.mean, s.max, 100 * s.top1, got.ppl(), ref.ppl(), got.effective_bits(),
+                double(got.kv_bytes) / 1e6, got.tokens_per_s());
         }
         std::fflush(stdout);
         if (recorder) write_dump(a, L, *recorder, m, "kl, first window of " + fs::path(path).filename().string());
@@ -849,25 +865,26 @@ int run_compare(const Loaded& L, const Args& a, const fs::path& exe_dir, int blo
     const long n = total_predictions(windows);
     const int d = L.model.config().head_dim;
     // --kv (repeatable) replaces the built-in list.
-    const std::vector<std::string> specs = !a.kvs.empty() ? a.kvs : std::vector<std::string>{
-        "fp32",
-        "fp16",
-        "int8",
-        "int4",
-        "int3",
-        "int2",
-        "qjl:m=64,outliers=0,vbits=4",
-        "qjl:m=128,outliers=0,vbits=4",
-        "qjl:m=256,outliers=0,vbits=4",
-        "qjl:m=128,mo=64,outliers=2,vbits=4",
-        "qjl:m=256,mo=64,outliers=2,vbits=4",
-        "qjl:m=128,outliers=0,vbits=2",
-        "qjl:m=256,outliers=0,vbits=2",
-        "qjl:m=256,mo=64,outliers=2,vbits=2",
-        "int4:window=32",
-        "int2:window=32",
-        "qjl:m=128,outliers=0,vbits=2,window=32,kflush=chunk",
-    };
+    const std::vector<std::string> specs = !a.kvs.empty() ? a.kvs
+                                                          : std::vector<std::string>{
+                                                                "fp32",
+                                                                "fp16",
+                                                                "int8",
+                                                                "int4",
+                                                                "int3",
+                                                                "int2",
+                                                                "qjl:m=64,outliers=0,vbits=4",
+                                                                "qjl:m=128,outliers=0,vbits=4",
+                                                                "qjl:m=256,outliers=0,vbits=4",
+                                                                "qjl:m=128,mo=64,outliers=2,vbits=4",
+                                                                "qjl:m=256,mo=64,outliers=2,vbits=4",
+                                                                "qjl:m=128,outliers=0,vbits=2",
+                                                                "qjl:m=256,outliers=0,vbits=2",
+                                                                "qjl:m=256,mo=64,outliers=2,vbits=2",
+                                                                "int4:window=32",
+                                                                "int2:window=32",
+                                                                "qjl:m=128,outliers=0,vbits=2,window=32,kflush=chunk",
+                                                            };
     std::vector<Method> methods;  // all parsed first, so that a bad spec fails before any model run
     for (const auto& sp : specs) methods.push_back(make_method(sp, d, block));
     int width = 6;
@@ -884,16 +901,19 @@ int run_compare(const Loaded& L, const Args& a, const fs::path& exe_dir, int blo
     RunResult ref;
     {
         Progress progress(a, std::uint64_t(n), "compare: reference fp32");
-        if (ref_cache) ref = teacher_forced(L.model, *ref_cache, windows, true, ref_cache.get(), &progress);
-        else ref = teacher_forced(L.model, ref_backend, windows, true, nullptr, &progress);
+        if (ref_cache)
+            ref = teacher_forced(L.model, *ref_cache, windows, true, ref_cache.get(), &progress);
+        else
+            ref = teacher_forced(L.model, ref_backend, windows, true, nullptr, &progress);
     }
     if (!a.json) {
         std::printf("text %s: %zu tokens, %ld predictions, context %d, block %d, head_dim %d\n", path.c_str(),
                     tokens.size(), ref.predictions, context, block, d);
         std::printf("reference fp32 (%s): perplexity %.4f, %.1f tokens/s\n",
                     ref_cache ? "the fp32 method's kvq cache" : "Fp32AttentionBackend", ref.ppl(), ref.tokens_per_s());
-        std::printf("bits/elem: everything the cache holds (blocks with metadata and padding, fp32 windows, WKV\n"
-                    "parameters) per cached K/V element at the end of the longest window; KV MB: bytes in use then\n\n");
+        std::printf(
+            "bits/elem: everything the cache holds (blocks with metadata and padding, fp32 windows, WKV\n"
+            "parameters) per cached K/V element at the end of the longest window; KV MB: bytes in use then\n\n");
         std::printf("%-*s %9s %8s %9s %11s %10s %7s %8s\n", width, "method", "bits/elem", "KV MB", "ppl", "mean KL",
                     "max KL", "top-1", "tok/s");
     } else {

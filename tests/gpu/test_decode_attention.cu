@@ -37,7 +37,9 @@ template <class T>
 struct DevBuf {
     T* p = nullptr;
     std::size_t n = 0;
-    explicit DevBuf(std::size_t count) : n(count) { KVQ_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(T))); }
+    explicit DevBuf(std::size_t count) : n(count) {
+        KVQ_CUDA_CHECK(cudaMalloc(&p, std::max<std::size_t>(count, 1) * sizeof(T)));
+    }
     explicit DevBuf(const std::vector<T>& v) : DevBuf(v.size()) {
         if (!v.empty()) KVQ_CUDA_CHECK(cudaMemcpy(p, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
     }
@@ -69,12 +71,13 @@ struct DecCase {
 };
 
 std::string describe(const DecCase& c) {
-    std::string s = "d=" + std::to_string(c.d) + (c.qjl ? " qjl m=" + std::to_string(c.m)
-                                                         : " int" + std::to_string(c.kbits) + " g" + std::to_string(c.kgroup)) +
-                    " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
-                    " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
-                    " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
-                    (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " lens=";
+    std::string s =
+        "d=" + std::to_string(c.d) +
+        (c.qjl ? " qjl m=" + std::to_string(c.m) : " int" + std::to_string(c.kbits) + " g" + std::to_string(c.kgroup)) +
+        " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
+        " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
+        " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
+        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -155,8 +158,8 @@ void run_case(const DecCase& c) {
         const int T = c.lens[b];
         if (T + (c.cur ? 1 : 0) == 0) continue;
         kvq::ExactTokens ex{&ck[std::size_t(b) * H * d], &cv[std::size_t(b) * H * d], 1};
-        kvq::attend(*caches[b], 0, &qref[std::size_t(b) * Hq * d], Hq, T, c.cur ? ex : kvq::ExactTokens{}, c.cur ? 1 : 0,
-                    &ref[std::size_t(b) * Hq * d], ws);
+        kvq::attend(*caches[b], 0, &qref[std::size_t(b) * Hq * d], Hq, T, c.cur ? ex : kvq::ExactTokens{},
+                    c.cur ? 1 : 0, &ref[std::size_t(b) * Hq * d], ws);
         if (c.qjl) continue;
         // float64 attention over decoded keys/values (int keys only).
         for (int hq = 0; hq < Hq; ++hq) {
@@ -165,10 +168,14 @@ void run_case(const DecCase& c) {
             const int total = T + (c.cur ? 1 : 0);
             std::vector<float> krow(d), vrow(d);
             std::vector<double> s(total), acc(d, 0.0);
-            auto row_of = [&](const kvq::StreamView& sv, const kvq::Codec& codec, int p, const float* curp, std::vector<float>& out) {
-                if (p < sv.encoded) codec.decode(sv.pool->data(sv.pages[p / B]), B, p % B, 1, out.data());
-                else if (p < T) std::copy_n(sv.window + std::size_t(p - sv.encoded) * sv.window_stride, d, out.begin());
-                else std::copy_n(curp, d, out.begin());
+            auto row_of = [&](const kvq::StreamView& sv, const kvq::Codec& codec, int p, const float* curp,
+                              std::vector<float>& out) {
+                if (p < sv.encoded)
+                    codec.decode(sv.pool->data(sv.pages[p / B]), B, p % B, 1, out.data());
+                else if (p < T)
+                    std::copy_n(sv.window + std::size_t(p - sv.encoded) * sv.window_stride, d, out.begin());
+                else
+                    std::copy_n(curp, d, out.begin());
             };
             double mx = -1e300;
             for (int p = 0; p < total; ++p) {
@@ -341,12 +348,14 @@ void run_case(const DecCase& c) {
                 const double err = std::abs(double(got[i]) - r);
                 worst = std::max(worst, err);
                 if (!(err <= 5e-4 * (1 + std::abs(r))) && ++bad <= 5)
-                    ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i] << " cpu " << r;
+                    ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i] << " cpu "
+                                  << r;
                 if (!c.qjl && !empty) {
                     const double e64 = std::abs(double(got[i]) - ref64[i]);
                     worst64 = std::max(worst64, e64);
                     if (!(e64 <= 5e-4 * (1 + std::abs(ref64[i]))) && ++bad <= 5)
-                        ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i] << " f64 " << ref64[i];
+                        ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i] << " f64 "
+                                      << ref64[i];
                 }
             }
     }

@@ -57,8 +57,8 @@ struct EncCase {
 
 // Inputs, pool with garbage, shuffled page tables: shared by both codecs.
 struct Setup {
-    std::vector<float> x;            // [batch][n][H][d] (fp16-representable when f16)
-    std::vector<std::uint16_t> xh;   // fp16 bits when f16
+    std::vector<float> x;           // [batch][n][H][d] (fp16-representable when f16)
+    std::vector<std::uint16_t> xh;  // fp16 bits when f16
     std::vector<std::uint32_t> pages;
     std::int64_t stride = 0;
     std::vector<std::uint8_t> pool;
@@ -159,9 +159,8 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
         EXPECT_FALSE(c.f16);
     }
     std::vector<std::uint8_t> ref = s.pool;
-    cpu_encode(c, s, ref, codec.granularity(), [&](int, const float* x, int n, std::uint8_t* blk, int first) {
-        codec.encode(x, n, blk, c.B, first);
-    });
+    cpu_encode(c, s, ref, codec.granularity(),
+               [&](int, const float* x, int n, std::uint8_t* blk, int first) { codec.encode(x, n, blk, c.B, first); });
 
     Dev<float> dx(c.f16 ? std::vector<float>{} : s.x);
     Dev<std::uint16_t> dxh(s.xh);
@@ -201,7 +200,8 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
     std::vector<std::array<int, 3>> owner(s.pool.size() / s.block_bytes, {-1, -1, -1});
     for (int b = 0; b < c.batch; ++b)
         for (int h = 0; h < c.H; ++h)
-            for (int pg = 0; pg + 1 < s.stride; ++pg) owner[s.pages[(std::size_t(b) * c.H + h) * s.stride + pg]] = {b, h, pg};
+            for (int pg = 0; pg + 1 < s.stride; ++pg)
+                owner[s.pages[(std::size_t(b) * c.H + h) * s.stride + pg]] = {b, h, pg};
     QjlResult res;
     res.total_bits = static_cast<long long>(c.batch) * c.n * c.H * (c.m + codec.outlier_bits());
     const auto& S = codec.sketch();
@@ -247,8 +247,9 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
                 ++res.near_zero_bits;
             } else {
                 ++res.bad;
-                ADD_FAILURE() << "sign bit " << jj << " of token " << t << " head " << h << " differs: projection " << pj
-                              << " bound " << bound << " gpu " << ((got[i] >> bit) & 1) << " cpu " << ((ref[i] >> bit) & 1);
+                ADD_FAILURE() << "sign bit " << jj << " of token " << t << " head " << h << " differs: projection "
+                              << pj << " bound " << bound << " gpu " << ((got[i] >> bit) & 1) << " cpu "
+                              << ((ref[i] >> bit) & 1);
             }
         }
     }
@@ -316,7 +317,8 @@ TEST(GpuEncode, TokenwiseMatchesCpuBytes) {
                     c.B = 16;
                     c.pos0 = {5, 16};
                     c.seed = d * 100 + bits * 10 + group + f16;
-                    SCOPED_TRACE(testing::Message() << "d " << d << " bits " << bits << " group " << group << " f16 " << f16);
+                    SCOPED_TRACE(testing::Message()
+                                 << "d " << d << " bits " << bits << " group " << group << " f16 " << f16);
                     run_tokenwise(c);
                 }
 }
@@ -398,8 +400,8 @@ TEST(GpuEncode, QjlOutliersMatchCpuBytes) {
             SCOPED_TRACE(testing::Message() << "d " << d << " f16 " << f16);
             const QjlResult r = run_qjl(c);
             EXPECT_EQ(r.bad, 0);
-            std::printf("[qjl encode, outliers d=%d f16=%d] near-zero sign differences: %lld of %lld bits\n", d, int(f16),
-                        r.near_zero_bits, r.total_bits);
+            std::printf("[qjl encode, outliers d=%d f16=%d] near-zero sign differences: %lld of %lld bits\n", d,
+                        int(f16), r.near_zero_bits, r.total_bits);
         }
 }
 
@@ -419,8 +421,8 @@ TEST(GpuEncode, QjlNearZeroFractionBelow1e6) {
         const QjlResult r = run_qjl(c);
         EXPECT_EQ(r.bad, 0);
         const double frac = double(r.near_zero_bits) / double(r.total_bits);
-        std::printf("[qjl encode, outliers %d] near-zero sign differences: %lld of %lld bits (%.2e)\n", ko, r.near_zero_bits,
-                    r.total_bits, frac);
+        std::printf("[qjl encode, outliers %d] near-zero sign differences: %lld of %lld bits (%.2e)\n", ko,
+                    r.near_zero_bits, r.total_bits, frac);
         EXPECT_LT(frac, 1e-6);
     }
 }
@@ -437,7 +439,8 @@ TEST(GpuEncode, QjlAdversarialNearZeroOnlyWithinRounding) {
     c.adversarial = true;
     const QjlResult r = run_qjl(c);
     EXPECT_EQ(r.bad, 0);
-    std::printf("[qjl encode, adversarial] near-zero sign differences: %lld of %lld bits\n", r.near_zero_bits, r.total_bits);
+    std::printf("[qjl encode, adversarial] near-zero sign differences: %lld of %lld bits\n", r.near_zero_bits,
+                r.total_bits);
 }
 
 TEST(GpuEncode, QjlInsideCudaGraph) {

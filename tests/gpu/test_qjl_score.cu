@@ -135,7 +135,10 @@ void run_case(const Case& c, bool use_graph = false) {
     d_pages.upload(pages);
     DeviceBuffer<float> d_q(q.size());
     DeviceBuffer<std::uint16_t> d_q16(q16.size());
-    if (c.fp16_query) d_q16.upload(q16); else d_q.upload(q);
+    if (c.fp16_query)
+        d_q16.upload(q16);
+    else
+        d_q.upload(q);
     DeviceBuffer<float> d_scores(std::size_t(H_q) * score_stride);
     KVQ_CUDA_CHECK(cudaMemset(d_scores.p, 0xFF, d_scores.n * sizeof(float)));  // poison: NaN
 
@@ -222,12 +225,12 @@ TEST(QjlScoreGpu, LargeAndSmallBlocks) {
     // large blocks, a long sequence, m_o above and below m.
     run_case({128, 256, 0, 1, 1001, 8});
     run_case({128, 256, 0, 4, 999, 16});
-    run_case({128, 96, 0, 2, 513, 32});           // m/8 = 12 bytes: no 16-byte alignment
+    run_case({128, 96, 0, 2, 513, 32});  // m/8 = 12 bytes: no 16-byte alignment
     run_case({128, 256, 8, 1, 4097, 256});
     run_case({128, 256, 8, 4, 3001, 128, false, 256});
     run_case({64, 64, 4, 8, 700, 64, false, 512});
     run_case({256, 512, 16, 1, 300, 32, false, 32});
-    run_case({128, 1024, 0, 8, 400, 64});         // LUT cap: fewer heads per pass
+    run_case({128, 1024, 0, 8, 400, 64});  // LUT cap: fewer heads per pass
     run_case({128, 1024, 8, 2, 400, 64, false, 1024});
 }
 

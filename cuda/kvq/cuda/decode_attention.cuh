@@ -52,9 +52,9 @@ struct DecodeAttentionArgs {
 
     // Keys.
     KeyFormat key_format = KeyFormat::Qjl;
-    int qjl_m = 0;                   // QJL: sketch bits (no outliers)
-    const float* sketch = nullptr;   // QJL: device [m][head_dim] (QjlKeyCodec::sketch())
-    int key_bits = 0, key_group = 0; // token-wise keys
+    int qjl_m = 0;                    // QJL: sketch bits (no outliers)
+    const float* sketch = nullptr;    // QJL: device [m][head_dim] (QjlKeyCodec::sketch())
+    int key_bits = 0, key_group = 0;  // token-wise keys
     BlockLayout key_layout{};
     const std::uint8_t* key_pool = nullptr;  // block p at key_pool + p * key_block_bytes
     std::size_t key_block_bytes = 0;
@@ -242,9 +242,9 @@ __device__ __forceinline__ void dec_score_tokenwise(const std::uint8_t* blk, con
 
 // Stage: split-K partial attention. See the header comment.
 template <int GT, KeyFormat KF, int KBITS, int VBITS, int CPT>
-__global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) decode_partial_kernel(DecodeAttentionArgs a, const float* proj,
-                                                                     int chunk, int n_chunks, float* part_ml,
-                                                                     float* part_acc) {
+__global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
+    decode_partial_kernel(DecodeAttentionArgs a, const float* proj, int chunk, int n_chunks, float* part_ml,
+                          float* part_acc) {
     extern __shared__ float4 dec_smem4[];
     float* smem = reinterpret_cast<float*>(dec_smem4);
     const int d = a.head_dim, G = a.n_q_heads / a.n_kv_heads;
@@ -445,11 +445,12 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
                     const int t = (pn & (KB - 1));
                     const std::uint8_t* blk = a.key_pool + std::size_t(__ldg(kpages + (pn >> ksh))) * a.key_block_bytes;
                     qjl_prefetch_l1(blk + std::size_t(t) * a.key_layout.code_bytes, a.key_layout.code_bytes);
-                    dec_prefetch_l1(blk + a.key_layout.token_side_offset() + std::size_t(t) * a.key_layout.token_side_bytes);
+                    dec_prefetch_l1(blk + a.key_layout.token_side_offset() +
+                                    std::size_t(t) * a.key_layout.token_side_bytes);
                 }
             }
             // 4. Values: this thread's CPT channels of positions slot, slot + NT, ...
-            constexpr int SU = CPT / 8;  // 8-code units per thread
+            constexpr int SU = CPT / 8;             // 8-code units per thread
             constexpr int PB = VBITS == 2 ? 8 : 4;  // positions whose loads are issued together
             if (t0 + tn <= v_enc) {
                 // Whole tile in value blocks: loads of PB positions issued before their arithmetic.
@@ -461,10 +462,12 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
                         const int tt = tt0 + k * NT;
                         const int p = t0 + (tt < tn ? tt : tt0);
                         const int t = p & (VB - 1);
-                        const std::uint8_t* blk = a.value_pool + std::size_t(__ldg(vpages + (p >> vsh))) * a.value_block_bytes;
+                        const std::uint8_t* blk =
+                            a.value_pool + std::size_t(__ldg(vpages + (p >> vsh))) * a.value_block_bytes;
 #pragma unroll
                         for (int su = 0; su < SU; ++su)
-                            raw[k][su] = dec_raw_unit<VBITS>(blk + std::size_t(t) * a.value_layout.code_bytes, unit * SU + su);
+                            raw[k][su] =
+                                dec_raw_unit<VBITS>(blk + std::size_t(t) * a.value_layout.code_bytes, unit * SU + su);
                         const std::uint8_t* side = blk + a.value_layout.token_side_offset();
                         st[k] = dec_half(side, std::size_t(t) * vng + vgrp);
                         mn[k] = dec_half(side, std::size_t(VB) * vng + std::size_t(t) * vng + vgrp);
@@ -487,42 +490,47 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2)) 
 #pragma unroll
                                 for (int j = 0; j < 8; ++j)
 #pragma unroll
-                                    for (int i = 0; i < GT; ++i) acc[i][su * 8 + j] = fmaf(pst[i], v[j], acc[i][su * 8 + j]);
+                                    for (int i = 0; i < GT; ++i)
+                                        acc[i][su * 8 + j] = fmaf(pst[i], v[j], acc[i][su * 8 + j]);
                             }
                         }
                     }
                 }
             } else
-            for (int tt = slot; tt < tn; tt += NT) {
-                const int p = t0 + tt;
-                float v[CPT];
-                if (p < v_enc) {
-                    const std::uint32_t page = __ldg(vpages + (p >> vsh));
-                    const int t = p & (VB - 1);
-                    const std::uint8_t* blk = a.value_pool + std::size_t(page) * a.value_block_bytes;
+                for (int tt = slot; tt < tn; tt += NT) {
+                    const int p = t0 + tt;
+                    float v[CPT];
+                    if (p < v_enc) {
+                        const std::uint32_t page = __ldg(vpages + (p >> vsh));
+                        const int t = p & (VB - 1);
+                        const std::uint8_t* blk = a.value_pool + std::size_t(page) * a.value_block_bytes;
 #pragma unroll
-                    for (int su = 0; su < SU; ++su)
-                        dec_load_unit<VBITS>(blk + std::size_t(t) * a.value_layout.code_bytes, unit * SU + su, v + 8 * su);
-                    const std::uint8_t* side = blk + a.value_layout.token_side_offset();
-                    const float st = dec_half(side, std::size_t(t) * vng + vgrp);
-                    const float mn = dec_half(side, std::size_t(VB) * vng + std::size_t(t) * vng + vgrp);
+                        for (int su = 0; su < SU; ++su)
+                            dec_load_unit<VBITS>(blk + std::size_t(t) * a.value_layout.code_bytes, unit * SU + su,
+                                                 v + 8 * su);
+                        const std::uint8_t* side = blk + a.value_layout.token_side_offset();
+                        const float st = dec_half(side, std::size_t(t) * vng + vgrp);
+                        const float mn = dec_half(side, std::size_t(VB) * vng + std::size_t(t) * vng + vgrp);
 #pragma unroll
-                    for (int j = 0; j < CPT; ++j) v[j] = fmaf(v[j], st, mn);
-                } else {
-                    const float* row = p < n_tok ? vwin + std::size_t(p - v_enc) * ws : cv;
+                        for (int j = 0; j < CPT; ++j) v[j] = fmaf(v[j], st, mn);
+                    } else {
+                        const float* row = p < n_tok ? vwin + std::size_t(p - v_enc) * ws : cv;
 #pragma unroll
-                    for (int j = 0; j < CPT; j += 4) {
-                        const float4 x = *reinterpret_cast<const float4*>(row + CPT * unit + j);
-                        v[j] = x.x; v[j + 1] = x.y; v[j + 2] = x.z; v[j + 3] = x.w;
+                        for (int j = 0; j < CPT; j += 4) {
+                            const float4 x = *reinterpret_cast<const float4*>(row + CPT * unit + j);
+                            v[j] = x.x;
+                            v[j + 1] = x.y;
+                            v[j + 2] = x.z;
+                            v[j + 3] = x.w;
+                        }
+                    }
+#pragma unroll
+                    for (int i = 0; i < GT; ++i) {
+                        const float pr = ps[i * kDecTile + tt];
+#pragma unroll
+                        for (int j = 0; j < CPT; ++j) acc[i][j] = fmaf(pr, v[j], acc[i][j]);
                     }
                 }
-#pragma unroll
-                for (int i = 0; i < GT; ++i) {
-                    const float pr = ps[i * kDecTile + tt];
-#pragma unroll
-                    for (int j = 0; j < CPT; ++j) acc[i][j] = fmaf(pr, v[j], acc[i][j]);
-                }
-            }
             __syncthreads();  // ps and red are rewritten by the next tile
         }
 
@@ -579,7 +587,8 @@ inline int dec_pick_gt(int G) {
 
 inline std::size_t dec_smem_bytes(const DecodeAttentionArgs& a, int gt) {
     const int d = a.head_dim;
-    const int aux = a.key_format == KeyFormat::Qjl ? gt * (a.qjl_m / 4) * 16 : gt * (d / (a.key_group > 0 ? a.key_group : 8));
+    const int aux =
+        a.key_format == KeyFormat::Qjl ? gt * (a.qjl_m / 4) * 16 : gt * (d / (a.key_group > 0 ? a.key_group : 8));
     const std::size_t floats = std::size_t(gt) * d + ((aux + 3) & ~3) + std::size_t(gt) * kDecTile + 2 * gt * 8 +
                                std::size_t(kDecThreads) * 16;  // accbuf: NT * d = 256 * CPT floats, CPT <= 16
     return floats * sizeof(float);
@@ -627,7 +636,8 @@ inline CheckResult can_implement(const DecodeAttentionArgs& a) {
     if (a.key_block_bytes < a.key_layout.bytes() || a.key_block_bytes % 16 != 0 ||
         a.value_block_bytes < a.value_layout.bytes() || a.value_block_bytes % 16 != 0)
         return fail("block bytes must be multiples of 16 and at least the layout's bytes");
-    if (reinterpret_cast<std::uintptr_t>(a.key_pool) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.value_pool) % 16 != 0)
+    if (reinterpret_cast<std::uintptr_t>(a.key_pool) % 16 != 0 ||
+        reinterpret_cast<std::uintptr_t>(a.value_pool) % 16 != 0)
         return fail("pools must be 16-byte aligned");
     if ((a.cur_k == nullptr) != (a.cur_v == nullptr)) return fail("cur_k and cur_v must be given together");
     if ((a.v_scale == nullptr) != (a.v_shift == nullptr)) return fail("v_scale and v_shift must be given together");
@@ -703,7 +713,9 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
                 switch (a.value_bits) {
                     case 2: launch(detail::decode_partial_kernel<GTc, KFc, KBc, 2, 16>, "decode_partial_kernel"); break;
                     case 4: launch(detail::decode_partial_kernel<GTc, KFc, KBc, 4, 16>, "decode_partial_kernel"); break;
-                    default: launch(detail::decode_partial_kernel<GTc, KFc, KBc, 8, 16>, "decode_partial_kernel"); break;
+                    default:
+                        launch(detail::decode_partial_kernel<GTc, KFc, KBc, 8, 16>, "decode_partial_kernel");
+                        break;
                 }
                 return;
             }
@@ -720,9 +732,15 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
             with_vbits(gt_c, std::integral_constant<KF, KF::Qjl>{}, std::integral_constant<int, 0>{});
         } else {
             switch (a.key_bits) {
-                case 2: with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 2>{}); break;
-                case 4: with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 4>{}); break;
-                default: with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 8>{}); break;
+                case 2:
+                    with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 2>{});
+                    break;
+                case 4:
+                    with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 4>{});
+                    break;
+                default:
+                    with_vbits(gt_c, std::integral_constant<KF, KF::Tokenwise>{}, std::integral_constant<int, 8>{});
+                    break;
             }
         }
     };

@@ -46,17 +46,17 @@
 namespace kvq::cuda {
 
 struct EncodeTarget {
-    int head_dim = 0;    // 64, 128 or 256
+    int head_dim = 0;  // 64, 128 or 256
     int n_kv_heads = 0;
     int batch = 0;
-    int n_tokens = 0;    // tokens per sequence in this call
-    const void* x = nullptr;           // device, see the header comment
+    int n_tokens = 0;                   // tokens per sequence in this call
+    const void* x = nullptr;            // device, see the header comment
     QueryType x_type = QueryType::F32;  // fp32 or fp16 elements
     std::int64_t x_token_stride = 0;    // elements between tokens; 0 -> n_kv_heads * head_dim
     std::int64_t x_batch_stride = 0;    // elements between sequences; 0 -> n_tokens * token stride
     const int* pos0 = nullptr;          // device [batch]: first stream position written
     BlockLayout layout{};
-    std::uint8_t* pool = nullptr;       // block p at pool + p * block_bytes
+    std::uint8_t* pool = nullptr;  // block p at pool + p * block_bytes
     std::size_t block_bytes = 0;
     const std::uint32_t* pages = nullptr;  // [batch][n_kv_heads][page_stride]
     std::int64_t page_stride = 0;
@@ -280,7 +280,8 @@ __device__ __forceinline__ float enc_load1(const EncodeTarget& a, std::size_t of
 }
 
 // Exact sign of <S_j, k> (k with the outlier channels in `omask` zeroed), in float64.
-__device__ __forceinline__ unsigned qjl_exact_sign(const QjlEncodeArgs& a, std::size_t xoff, int j, const unsigned* omask) {
+__device__ __forceinline__ unsigned qjl_exact_sign(const QjlEncodeArgs& a, std::size_t xoff, int j,
+                                                   const unsigned* omask) {
     const int d = a.head_dim;
     double s = 0;
     for (int c = 0; c < d; ++c) {
@@ -302,25 +303,29 @@ inline constexpr int kQjlEncCheckMax = 512;  // near-zero rechecks queued per ti
 template <int D, bool F16IN>
 struct QjlEncSmem {
     static constexpr int RT = kQjlEncRows, AST = D + 8, ESZ = F16IN ? 2 : 4;
-    static constexpr std::size_t raw = 0;                                          // [RT][D] input rows
-    static constexpr std::size_t ahi = raw + std::size_t(RT) * D * ESZ;             // [RT][AST] half
-    static constexpr std::size_t alo = ahi + std::size_t(RT) * AST * 2;            // [RT][AST] half (fp32 input)
+    static constexpr std::size_t raw = 0;                                                // [RT][D] input rows
+    static constexpr std::size_t ahi = raw + std::size_t(RT) * D * ESZ;                  // [RT][AST] half
+    static constexpr std::size_t alo = ahi + std::size_t(RT) * AST * 2;                  // [RT][AST] half (fp32 input)
     static constexpr std::size_t codes = alo + (F16IN ? 0 : std::size_t(RT) * AST * 2);  // [RT][8] u32
-    static constexpr std::size_t tau = codes + std::size_t(RT) * 16 * 4;          // [RT] float
-    static constexpr std::size_t rows = tau + RT * 4;                              // [RT] EncRow (16 B)
-    static constexpr std::size_t omask = rows + RT * 16;                           // [2][8] u32
-    static constexpr std::size_t ochan = omask + 64;                               // [2][16] int
-    static constexpr std::size_t check = ochan + 128;                              // [kQjlEncCheckMax] int
-    static constexpr std::size_t ncheck = check + kQjlEncCheckMax * 4;             // int (+pad)
-    static constexpr std::size_t thr = ncheck + 16;                                // [256] float
-    static constexpr std::size_t so = thr + 256 * 4;                               // [2][16][256] float (outliers)
-    static constexpr std::size_t bytes(bool outliers) { return so + (outliers ? 2 * 17 * 256 * 4 : 0); }  // + smax [2][256]
+    static constexpr std::size_t tau = codes + std::size_t(RT) * 16 * 4;                 // [RT] float
+    static constexpr std::size_t rows = tau + RT * 4;                                    // [RT] EncRow (16 B)
+    static constexpr std::size_t omask = rows + RT * 16;                                 // [2][8] u32
+    static constexpr std::size_t ochan = omask + 64;                                     // [2][16] int
+    static constexpr std::size_t check = ochan + 128;                                    // [kQjlEncCheckMax] int
+    static constexpr std::size_t ncheck = check + kQjlEncCheckMax * 4;                   // int (+pad)
+    static constexpr std::size_t thr = ncheck + 16;                                      // [256] float
+    static constexpr std::size_t so = thr + 256 * 4;  // [2][16][256] float (outliers)
+    static constexpr std::size_t bytes(bool outliers) {
+        return so + (outliers ? 2 * 17 * 256 * 4 : 0);
+    }  // + smax [2][256]
 };
 
 template <int D, bool F16IN>
 __device__ __forceinline__ float qjl_raw_get(const std::uint8_t* raw, int r, int c) {
-    if constexpr (F16IN) return __half2float(reinterpret_cast<const __half*>(raw)[r * D + c]);
-    else return reinterpret_cast<const float*>(raw)[r * D + c];
+    if constexpr (F16IN)
+        return __half2float(reinterpret_cast<const __half*>(raw)[r * D + c]);
+    else
+        return reinterpret_cast<const float*>(raw)[r * D + c];
 }
 
 // Lane's CPL consecutive channels of row r (vector loads: conflict-free).
@@ -366,8 +371,8 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
     constexpr int NW = kQjlEncWarps<D>, kQjlEncThreads = NW * 32;
     constexpr int CPL = D / 32;
     constexpr int JW = kQjlEncJW;
-    constexpr int NT = JW / 8;              // mma n-tiles per warp
-    constexpr int KS = D / 16;              // mma k-steps
+    constexpr int NT = JW / 8;  // mma n-tiles per warp
+    constexpr int KS = D / 16;  // mma k-steps
     constexpr int RT = kQjlEncRows;
     using L = QjlEncSmem<D, F16IN>;
     constexpr int AST = L::AST;
@@ -420,7 +425,8 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                     const int c = ks * 16 + hlf * 8 + tig * 2;
                     const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
                     const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
-                    const __half l0 = __float2half_rn(s0 - __half2float(h0)), l1 = __float2half_rn(s1 - __half2float(h1));
+                    const __half l0 = __float2half_rn(s0 - __half2float(h0)),
+                                 l1 = __float2half_rn(s1 - __half2float(h1));
                     bh[ks][nt][hlf] = pack_half2(h0, h1);
                     bl[ks][nt][hlf] = pack_half2(l0, l1);
                 }
@@ -446,7 +452,8 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
             const int h = hp * 2 + r / 32, t = tg * 32 + r % 32;
             std::uint8_t* dst = raw + (std::size_t(r) * D) * L::ESZ + k * 16;
             if (h < H && t < a.n_tokens) {
-                const std::uint8_t* src = static_cast<const std::uint8_t*>(a.x) + enc_x_offset(a, b, t, h) * L::ESZ + k * 16;
+                const std::uint8_t* src =
+                    static_cast<const std::uint8_t*>(a.x) + enc_x_offset(a, b, t, h) * L::ESZ + k * 16;
                 cp_async16(dst, src);
             } else {
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
@@ -461,7 +468,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
         coords(tile, b, tg, hp);
         cp_async_wait_all();
         __syncthreads();  // raw is complete; the previous tile's smem readers are done
-        if (tid < RT) {  // row targets (page lookups) in parallel
+        if (tid < RT) {   // row targets (page lookups) in parallel
             const int h = hp * 2 + tid / 32, t = tg * 32 + tid % 32;
             rows[tid] = (h < H && t < a.n_tokens) ? enc_row(a, b, t, h) : EncRow{nullptr, 0};
         }
@@ -510,7 +517,8 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
 #pragma unroll
                     for (int i = 0; i < CPL; ++i) {
                         const unsigned wd = omask[warp * 8 + i];
-                        if ((wd >> lane) & 1u) ochan[warp * 16 + before + __popc(wd & ((1u << lane) - 1u))] = 32 * i + lane;
+                        if ((wd >> lane) & 1u)
+                            ochan[warp * 16 + before + __popc(wd & ((1u << lane) - 1u))] = 32 * i + lane;
                         before += __popc(wd);
                     }
                 }
@@ -570,7 +578,8 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                     const float s0 = ldexpf(v[i], e), s1 = ldexpf(v[i + 1], e);
                     h0 = __float2half_rn(s0);
                     h1 = __float2half_rn(s1);
-                    const __half l0 = __float2half_rn(s0 - __half2float(h0)), l1 = __float2half_rn(s1 - __half2float(h1));
+                    const __half l0 = __float2half_rn(s0 - __half2float(h0)),
+                                 l1 = __float2half_rn(s1 - __half2float(h1));
                     *reinterpret_cast<unsigned*>(Alo + r * AST + lane * CPL + i) = pack_half2(l0, l1);
                 }
                 *reinterpret_cast<unsigned*>(Ahi + r * AST + lane * CPL + i) = pack_half2(h0, h1);
@@ -649,13 +658,16 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                             }
                             word |= bit << jj;
                         }
-                        *reinterpret_cast<unsigned*>(rr.blk + std::size_t(rr.tok) * a.layout.code_bytes + (a.m + j0) / 8 +
-                                                     wd * 4) = word;
+                        *reinterpret_cast<unsigned*>(rr.blk + std::size_t(rr.tok) * a.layout.code_bytes +
+                                                     (a.m + j0) / 8 + wd * 4) = word;
                     }
                 };
-                if (ko <= 4) project(std::integral_constant<int, 4>{});
-                else if (ko <= 8) project(std::integral_constant<int, 8>{});
-                else project(std::integral_constant<int, 16>{});
+                if (ko <= 4)
+                    project(std::integral_constant<int, 4>{});
+                else if (ko <= 8)
+                    project(std::integral_constant<int, 8>{});
+                else
+                    project(std::integral_constant<int, 16>{});
                 __syncthreads();
             }
         }
@@ -744,8 +756,10 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                 for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
                 if (lane == 0) {
                     const unsigned m = 1u << (jl % JW);
-                    if (s > 0.0) atomicOr(codes + r * NW + jl / JW, m);
-                    else atomicAnd(codes + r * NW + jl / JW, ~m);
+                    if (s > 0.0)
+                        atomicOr(codes + r * NW + jl / JW, m);
+                    else
+                        atomicAnd(codes + r * NW + jl / JW, ~m);
                 }
             }
         }
@@ -756,8 +770,10 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
             const EncRow rr = rows[r];
             if (rr.blk == nullptr || jslice + w * JW >= a.m) continue;
             std::uint8_t* dst = rr.blk + std::size_t(rr.tok) * a.layout.code_bytes + (jslice + w * JW) / 8;
-            if constexpr (JW == 32) *reinterpret_cast<unsigned*>(dst) = codes[i];
-            else *reinterpret_cast<std::uint16_t*>(dst) = static_cast<std::uint16_t>(codes[i]);
+            if constexpr (JW == 32)
+                *reinterpret_cast<unsigned*>(dst) = codes[i];
+            else
+                *reinterpret_cast<std::uint16_t*>(dst) = static_cast<std::uint16_t>(codes[i]);
         }
     }
     cp_async_wait_all();
@@ -790,8 +806,8 @@ inline CheckResult can_implement(const TokenwiseEncodeArgs& a) {
     if (a.bits != 2 && a.bits != 4 && a.bits != 8) return fail("bits must be 2, 4 or 8 (3-bit codes stay on the CPU)");
     if (a.group < cpl || a.group > d || d % a.group != 0 || (a.group & (a.group - 1)) != 0)
         return fail("group must be a power of two in [head_dim / 32, head_dim]");
-    if (a.layout.code_bytes != std::uint32_t(d * a.bits / 8) || a.layout.token_side_bytes != std::uint32_t(4 * (d / a.group)) ||
-        a.layout.block_side_bytes != 0)
+    if (a.layout.code_bytes != std::uint32_t(d * a.bits / 8) ||
+        a.layout.token_side_bytes != std::uint32_t(4 * (d / a.group)) || a.layout.block_side_bytes != 0)
         return fail("layout does not match the token-wise parameters (use set_tokenwise_codec)");
     if ((a.shift == nullptr) != (a.scale == nullptr)) return fail("shift and scale must be given together");
     if (std::int64_t(a.n_tokens) * a.n_kv_heads >= (std::int64_t(1) << 31) - 256)
@@ -812,7 +828,8 @@ inline CheckResult can_implement(const QjlEncodeArgs& a) {
     const int rows = a.outliers > 0 ? (a.m > a.m_outlier ? a.m : a.m_outlier) : a.m;
     if (a.sketch_rows != rows || !a.sketch) return fail("sketch (device, max(m, m_outlier) rows) must be set");
     const std::uint32_t B = a.layout.block_tokens;
-    if (a.layout.code_bytes != std::uint32_t(a.m + a.m_outlier) / 8 || a.layout.token_side_bytes != (a.outliers > 0 ? 4u : 2u) ||
+    if (a.layout.code_bytes != std::uint32_t(a.m + a.m_outlier) / 8 ||
+        a.layout.token_side_bytes != (a.outliers > 0 ? 4u : 2u) ||
         a.layout.block_side_bytes != (a.outliers > 0 ? B / 32 * std::uint32_t(a.outliers) : 0u))
         return fail("layout does not match the QJL parameters (use set_qjl_codec)");
     if (a.outliers > 0 && (B % 32 != 0 || a.n_tokens % 32 != 0))

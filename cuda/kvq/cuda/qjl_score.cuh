@@ -36,10 +36,10 @@ enum class QueryType : std::uint8_t { F32 = 0, F16 = 1 };
 struct QjlScoreArgs {
     // Codec parameters (set_qjl_codec fills these from a kvq::QjlKeyCodec).
     int head_dim = 0;
-    int m = 0;           // inlier sketch bits
-    int m_outlier = 0;   // outlier sketch bits (0 when outliers == 0)
-    int outliers = 0;    // outlier channels per 32-token group
-    int sketch_rows = 0; // rows of S: max(m, m_outlier)
+    int m = 0;                      // inlier sketch bits
+    int m_outlier = 0;              // outlier sketch bits (0 when outliers == 0)
+    int outliers = 0;               // outlier channels per 32-token group
+    int sketch_rows = 0;            // rows of S: max(m, m_outlier)
     const float* sketch = nullptr;  // device, [sketch_rows][head_dim] row-major (QjlKeyCodec::sketch())
     BlockLayout layout{};           // QjlKeyCodec::layout(block_tokens)
 
@@ -148,7 +148,8 @@ static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf
     if (st != nullptr) {
         const std::size_t n = std::size_t(d) * rows;
         const std::size_t cta = std::size_t(blockIdx.y) * gridDim.x + blockIdx.x;
-        for (std::size_t i = cta * blockDim.x + threadIdx.x; i < n; i += std::size_t(gridDim.x) * gridDim.y * blockDim.x) {
+        for (std::size_t i = cta * blockDim.x + threadIdx.x; i < n;
+             i += std::size_t(gridDim.x) * gridDim.y * blockDim.x) {
             const std::size_t c = i / rows, jj = i % rows;
             st[i] = a.sketch[jj * d + c];
         }
@@ -238,7 +239,7 @@ __global__ void qjl_score_plain_kernel(QjlScoreArgs a, const float* proj, int ch
 // group and head: S^T is staged in shared memory once per CTA when it fits (st_in_smem), otherwise
 // read from the workspace (L2).
 static __global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* proj, const float* qf, const float* st,
-                                         int st_in_smem) {
+                                                int st_in_smem) {
     extern __shared__ float4 smem4[];
     const int ntab_in = a.m / 4, ntab = (a.m + a.m_outlier) / 4;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nw = blockDim.x / 32;
@@ -304,20 +305,20 @@ static __global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* pro
                 }
                 if (j < a.m) {
                     const float4 p = *reinterpret_cast<const float4*>(proj + std::size_t(h) * rows + j);
-                    qjl_build_table(p.x - tj.x, p.y - tj.y, p.z - tj.z, p.w - tj.w, lut + std::size_t(jq) * 16, lane >> 1);
+                    qjl_build_table(p.x - tj.x, p.y - tj.y, p.z - tj.z, p.w - tj.w, lut + std::size_t(jq) * 16,
+                                    lane >> 1);
                 }
-                if (j < a.m_outlier) qjl_build_table(tj.x, tj.y, tj.z, tj.w, lut + std::size_t(ntab_in + jq) * 16, lane >> 1);
+                if (j < a.m_outlier)
+                    qjl_build_table(tj.x, tj.y, tj.z, tj.w, lut + std::size_t(ntab_in + jq) * 16, lane >> 1);
             }
             __syncwarp();
             if (valid) {
                 const std::uint8_t* code = blk + std::size_t(t) * cb;
                 float acc_in = 0.f, acc_out = 0.f;
-                qjl_for_words(code, 0, w_in, al16, [&](std::uint32_t w, int wi) {
-                    acc_in += qjl_word_sum(lut + wi * 128, w);
-                });
-                qjl_for_words(code, w_in, w_all, al16, [&](std::uint32_t w, int wi) {
-                    acc_out += qjl_word_sum(lut + wi * 128, w);
-                });
+                qjl_for_words(code, 0, w_in, al16,
+                              [&](std::uint32_t w, int wi) { acc_in += qjl_word_sum(lut + wi * 128, w); });
+                qjl_for_words(code, w_in, w_all, al16,
+                              [&](std::uint32_t w, int wi) { acc_out += qjl_word_sum(lut + wi * 128, w); });
                 a.scores[std::size_t(h) * ss + tok] = c_in * n_in * acc_in + c_out * n_out * acc_out;
             }
         }
@@ -338,7 +339,8 @@ inline CheckResult can_implement(const QjlScoreArgs& a) {
     auto fail = [](std::string msg) { return CheckResult{false, "kvq::cuda::launch_qjl_score: " + std::move(msg)}; };
     if (a.head_dim < 8 || a.head_dim > 256 || a.head_dim % 8 != 0)
         return fail("head_dim must be a multiple of 8 in [8, 256], got " + std::to_string(a.head_dim));
-    if (a.m < 32 || a.m > 1024 || a.m % 32 != 0) return fail("m must be a multiple of 32 in [32, 1024], got " + std::to_string(a.m));
+    if (a.m < 32 || a.m > 1024 || a.m % 32 != 0)
+        return fail("m must be a multiple of 32 in [32, 1024], got " + std::to_string(a.m));
     if (a.outliers < 0 || a.outliers > 16 || a.outliers >= a.head_dim)
         return fail("outliers must be in [0, 16] and below head_dim, got " + std::to_string(a.outliers));
     if (a.outliers > 0 && (a.m_outlier < 32 || a.m_outlier > 1024 || a.m_outlier % 32 != 0))
@@ -448,7 +450,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         long long ctas = (items + nw - 1) / nw;
         if (ctas > static_cast<long long>(sms) * ctas_per_sm) ctas = static_cast<long long>(sms) * ctas_per_sm;
         detail::qjl_score_outlier_kernel<<<static_cast<unsigned>(ctas), nw * 32, smem, stream>>>(a, proj, qf, st,
-                                                                                                st_in_smem);
+                                                                                                 st_in_smem);
         KVQ_CUDA_CHECK_LAUNCH("qjl_score_outlier_kernel");
     }
 }

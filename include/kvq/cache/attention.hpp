@@ -20,12 +20,12 @@ namespace kvq {
 namespace detail {
 // Scratch of one attention task: one KV head, its G query heads, one chunk of the sequence.
 struct AttentionTask {
-    std::vector<PreparedQuery> pq;  // [G]
-    std::vector<float> scores;      // [G][chunk length]
-    std::vector<float> block_acc;   // [G][d]
-    std::vector<double> acc;        // [G][d]  un-normalised sum_p e^{s_p - mx} v_p
-    std::vector<double> sum;        // [G]     sum_p e^{s_p - mx}
-    std::vector<float> mx;          // [G]     chunk maximum (-inf for an empty chunk)
+    std::vector<PreparedQuery> pq;            // [G]
+    std::vector<float> scores;                // [G][chunk length]
+    std::vector<float> block_acc;             // [G][d]
+    std::vector<double> acc;                  // [G][d]  un-normalised sum_p e^{s_p - mx} v_p
+    std::vector<double> sum;                  // [G]     sum_p e^{s_p - mx}
+    std::vector<float> mx;                    // [G]     chunk maximum (-inf for an empty chunk)
     std::vector<const std::uint8_t*> blocks;  // block addresses of the chunk (one pool lookup each)
 };
 }  // namespace detail
@@ -69,9 +69,9 @@ inline void prefetch_bytes(const std::uint8_t* p, std::size_t bytes) {
 
 // Positions [a, b) of KV head h for query heads q_heads [G][d]: scores (scaled, into t.scores and
 // scores_out), chunk max, exponentials, sum and un-normalised value accumulation.
-inline void attention_task(const StreamView& ks, const StreamView& vs, int visible, const ExactTokens& extra,
-                           int H, int h, int G, const float* q_heads, float scale, int a, int b, int total,
-                           AttentionTask& t, float* scores_out, int hq0) {
+inline void attention_task(const StreamView& ks, const StreamView& vs, int visible, const ExactTokens& extra, int H,
+                           int h, int G, const float* q_heads, float scale, int a, int b, int total, AttentionTask& t,
+                           float* scores_out, int hq0) {
     const int d = ks.codec->head_dim(), B = ks.block_tokens, len = b - a;
     t.pq.resize(G);
     t.scores.resize(std::size_t(G) * std::max(len, 1));
@@ -166,8 +166,9 @@ inline void attention_task(const StreamView& ks, const StreamView& vs, int visib
 // the exact tokens extra[0, extra_visible). out: [H_q][d]. If scores_out is given it receives the
 // pre-softmax scores q.k/sqrt(d), [H_q][visible + extra_visible]. Parallel over (KV head, chunk)
 // tasks through ws.executor when set (see AttentionWorkspace).
-inline void attend(const KvCache& cache, int layer, const float* q, int n_q_heads, int visible, const ExactTokens& extra,
-                   int extra_visible, float* out, AttentionWorkspace& ws, float* scores_out = nullptr) {
+inline void attend(const KvCache& cache, int layer, const float* q, int n_q_heads, int visible,
+                   const ExactTokens& extra, int extra_visible, float* out, AttentionWorkspace& ws,
+                   float* scores_out = nullptr) {
     const CacheConfig& cfg = cache.config();
     const int H = cfg.n_kv_heads, d = cfg.head_dim, B = cfg.block_tokens;
     KVQ_CHECK(n_q_heads >= H && n_q_heads % H == 0, "query heads (", n_q_heads,
@@ -192,7 +193,8 @@ inline void attend(const KvCache& cache, int layer, const float* q, int n_q_head
         detail::attention_task(cache.keys(layer, h), cache.values(layer, h), visible, extra, H, h, G,
                                q + std::size_t(h) * G * d, scale, a, b, total, ws.tasks[task], scores_out, h * G);
     };
-    if (ws.executor && H * C > 1) ws.executor->parallel_for(H * C, run);
+    if (ws.executor && H * C > 1)
+        ws.executor->parallel_for(H * C, run);
     else
         for (int task = 0; task < H * C; ++task) run(task);
     // Exact merge of the chunk states.

@@ -43,7 +43,8 @@ public:
     class Reservation {
     public:
         Reservation() = default;
-        Reservation(Reservation&& o) noexcept : pool_(std::exchange(o.pool_, nullptr)), left_(std::exchange(o.left_, 0)) {}
+        Reservation(Reservation&& o) noexcept
+            : pool_(std::exchange(o.pool_, nullptr)), left_(std::exchange(o.left_, 0)) {}
         Reservation& operator=(Reservation&& o) noexcept {
             if (this != &o) {
                 cancel();

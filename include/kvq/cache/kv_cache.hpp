@@ -48,7 +48,7 @@ struct CacheConfig {
 // the alignment padding count); the window is reported separately.
 struct MemoryReport {
     std::size_t key_block_bytes = 0, value_block_bytes = 0;
-    std::size_t window_bytes = 0;                               // fp32 window, K and V
+    std::size_t window_bytes = 0;  // fp32 window, K and V
     std::size_t encoded_key_elements = 0, encoded_value_elements = 0;
     std::size_t window_elements = 0;
     double key_bits_per_element = 0, value_bits_per_element = 0;  // codec rate of a full block
@@ -75,9 +75,9 @@ struct StreamView {
 // A cache's contents, independent of pools and block ids: what state() exports and from_state()
 // rebuilds. Shapes are in terms of the config (H = n_kv_heads, d = head_dim, B = block_tokens).
 struct KvStreamState {
-    int encoded = 0;                  // tokens [0, encoded) are in blocks
+    int encoded = 0;                   // tokens [0, encoded) are in blocks
     std::vector<std::uint8_t> blocks;  // [H][ceil(encoded / B)][block bytes]: each head's pages in order
-    std::vector<float> window;        // [tokens - encoded][H][d]: the fp32 window, oldest token first
+    std::vector<float> window;         // [tokens - encoded][H][d]: the fp32 window, oldest token first
 };
 struct KvLayerState {
     int tokens = 0;
@@ -95,7 +95,8 @@ public:
         : cfg_(cfg), kc_(std::move(key_codec)), vc_(std::move(value_codec)) {
         KVQ_CHECK(kc_ && vc_, "key and value codecs must be given");
         KVQ_CHECK(cfg.n_layers >= 1 && cfg.n_layers <= 4096, "n_layers must be in [1, 4096], got ", cfg.n_layers);
-        KVQ_CHECK(cfg.n_kv_heads >= 1 && cfg.n_kv_heads <= 1024, "n_kv_heads must be in [1, 1024], got ", cfg.n_kv_heads);
+        KVQ_CHECK(cfg.n_kv_heads >= 1 && cfg.n_kv_heads <= 1024, "n_kv_heads must be in [1, 1024], got ",
+                  cfg.n_kv_heads);
         KVQ_CHECK(kc_->head_dim() == cfg.head_dim && vc_->head_dim() == cfg.head_dim, "codec head_dim (",
                   kc_->head_dim(), ", ", vc_->head_dim(), ") differs from the cache's (", cfg.head_dim, ")");
         KVQ_CHECK(vc_->decodable(), "value codec ", vc_->name(), " cannot decode values");
@@ -133,7 +134,8 @@ public:
         const int fk = flush_count(L.key, n, cfg_.key_window, kc_->granularity());
         const int fv = flush_count(L.value, n, cfg_.value_window, vc_->granularity());
         const std::uint64_t need_k = std::uint64_t(H) * (blocks_for(L.key.encoded + fk) - blocks_for(L.key.encoded));
-        const std::uint64_t need_v = std::uint64_t(H) * (blocks_for(L.value.encoded + fv) - blocks_for(L.value.encoded));
+        const std::uint64_t need_v =
+            std::uint64_t(H) * (blocks_for(L.value.encoded + fv) - blocks_for(L.value.encoded));
         // Reserved atomically, so that other sequences appending to a shared pool at the same time
         // cannot take the blocks between the check and the flush.
         BlockPool::Reservation rk, rv;
@@ -154,8 +156,12 @@ public:
         L.tokens += n;
     }
 
-    StreamView keys(int layer, int head) const { return view(layers_[check_layer(layer)].key, check_head(head), *kc_, *kpool_); }
-    StreamView values(int layer, int head) const { return view(layers_[check_layer(layer)].value, check_head(head), *vc_, *vpool_); }
+    StreamView keys(int layer, int head) const {
+        return view(layers_[check_layer(layer)].key, check_head(head), *kc_, *kpool_);
+    }
+    StreamView values(int layer, int head) const {
+        return view(layers_[check_layer(layer)].value, check_head(head), *vc_, *vpool_);
+    }
 
     MemoryReport memory() const {
         MemoryReport r;
@@ -281,7 +287,9 @@ private:
             KVQ_CHECK(w.tokens % c.granularity() == 0, what, " chunk window (", w.tokens,
                       ") must be a multiple of the codec's encoding granularity (", c.granularity(), ")");
     }
-    std::uint64_t blocks_for(int tokens) const { return (std::uint64_t(tokens) + cfg_.block_tokens - 1) / cfg_.block_tokens; }
+    std::uint64_t blocks_for(int tokens) const {
+        return (std::uint64_t(tokens) + cfg_.block_tokens - 1) / cfg_.block_tokens;
+    }
     int stride() const { return cfg_.n_kv_heads * cfg_.head_dim; }
     int window_count(const Stream& s) const { return static_cast<int>(s.window.size() / stride()) - s.start; }
 
@@ -311,7 +319,8 @@ private:
         rows.resize(std::size_t(count) * d);
         for (int h = 0; h < H; ++h) {
             const float* src = s.window.data() + std::size_t(s.start) * stride() + std::size_t(h) * d;
-            for (int t = 0; t < count; ++t) std::copy_n(src + std::size_t(t) * stride(), d, rows.data() + std::size_t(t) * d);
+            for (int t = 0; t < count; ++t)
+                std::copy_n(src + std::size_t(t) * stride(), d, rows.data() + std::size_t(t) * d);
             int done = 0;
             while (done < count) {
                 const int pos = s.encoded + done;
@@ -349,8 +358,8 @@ private:
         KVQ_CHECK(s.encoded % c.granularity() == 0, "layer ", layer, " ", what, ": encoded tokens ", s.encoded,
                   " not a multiple of the codec's granularity ", c.granularity());
         const int w = tokens - s.encoded;
-        KVQ_CHECK(s.window.size() == std::size_t(w) * std::size_t(stride()), "layer ", layer, " ", what, ": window has ",
-                  s.window.size(), " floats, expected ", std::size_t(w) * std::size_t(stride()));
+        KVQ_CHECK(s.window.size() == std::size_t(w) * std::size_t(stride()), "layer ", layer, " ", what,
+                  ": window has ", s.window.size(), " floats, expected ", std::size_t(w) * std::size_t(stride()));
         KVQ_CHECK(flush_count_for(w, p, c.granularity()) == 0, "layer ", layer, " ", what, ": a window of ", w,
                   " tokens is not one the window policy (", p.tokens, " tokens, ",
                   p.mode == FlushMode::Chunk ? "chunk" : "sliding", ") leaves behind");

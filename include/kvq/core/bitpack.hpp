@@ -33,7 +33,8 @@ KVQ_HD void pack_codes(const std::uint8_t* codes, int n, int bits, std::uint8_t*
         const std::size_t bit = static_cast<std::size_t>(i) * bits;
         const unsigned v = codes[i];
         out[bit >> 3] = static_cast<std::uint8_t>(out[bit >> 3] | (v << (bit & 7)));
-        if ((bit & 7) + bits > 8) out[(bit >> 3) + 1] = static_cast<std::uint8_t>(out[(bit >> 3) + 1] | (v >> (8 - (bit & 7))));
+        if ((bit & 7) + bits > 8)
+            out[(bit >> 3) + 1] = static_cast<std::uint8_t>(out[(bit >> 3) + 1] | (v >> (8 - (bit & 7))));
     }
 }
 

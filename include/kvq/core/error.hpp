@@ -33,15 +33,15 @@ template <class... Parts>
 }  // namespace kvq
 
 // Throws kvq::Error("kvq: <message parts> [function]") when cond is false.
-#define KVQ_CHECK(cond, ...)                                              \
-    do {                                                                  \
-        if (!(cond)) ::kvq::detail::throw_error(__func__, __VA_ARGS__);   \
+#define KVQ_CHECK(cond, ...)                                            \
+    do {                                                                \
+        if (!(cond)) ::kvq::detail::throw_error(__func__, __VA_ARGS__); \
     } while (0)
 
 #define KVQ_THROW(...) ::kvq::detail::throw_error(__func__, __VA_ARGS__)
 
 // Internal invariants only: never for user input.
-#define KVQ_ASSERT(cond)                                                        \
-    do {                                                                        \
-        if (!(cond)) ::kvq::detail::assert_fail(#cond, __FILE__, __LINE__);     \
+#define KVQ_ASSERT(cond)                                                    \
+    do {                                                                    \
+        if (!(cond)) ::kvq::detail::assert_fail(#cond, __FILE__, __LINE__); \
     } while (0)

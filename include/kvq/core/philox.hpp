@@ -30,8 +30,12 @@ KVQ_HD Philox4x32 philox4x32_10(std::uint32_t c0, std::uint32_t c1, std::uint32_
         detail::mulhilo32(M0, c0, hi0, lo0);
         detail::mulhilo32(M1, c2, hi1, lo1);
         const std::uint32_t n0 = hi1 ^ c1 ^ k0, n1 = lo1, n2 = hi0 ^ c3 ^ k1, n3 = lo0;
-        c0 = n0; c1 = n1; c2 = n2; c3 = n3;
-        k0 += W0; k1 += W1;
+        c0 = n0;
+        c1 = n1;
+        c2 = n2;
+        c3 = n3;
+        k0 += W0;
+        k1 += W1;
     }
     return Philox4x32{{c0, c1, c2, c3}};
 }

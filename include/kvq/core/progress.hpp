@@ -11,8 +11,8 @@
 // render() returns "\r" + the line padded to the previous line's width, so repeated writes
 // overwrite one terminal line; finish() returns the final line and a newline.
 #include <algorithm>
-#include <cmath>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -29,7 +29,11 @@ public:
     // total: number of steps (>= 1); min_interval_s: least time between two redraws (a redraw per
     // step would cost more than the step for fast jobs and flood a log file).
     ProgressMeter(std::string label, std::uint64_t total, double min_interval_s = 0.25, int bar_width = 28)
-        : label_(std::move(label)), total_(total), interval_(min_interval_s), width_(bar_width), start_(Clock::now()),
+        : label_(std::move(label)),
+          total_(total),
+          interval_(min_interval_s),
+          width_(bar_width),
+          start_(Clock::now()),
           last_(start_) {
         KVQ_CHECK(total >= 1, "ProgressMeter: total = ", total, " (need at least 1 step)");
         KVQ_CHECK(min_interval_s >= 0 && min_interval_s < 3600, "ProgressMeter: min_interval_s = ", min_interval_s);
@@ -65,8 +69,10 @@ public:
         std::snprintf(buf, sizeof buf, " [%s] %5.1f%%  %llu/%llu  %.1f/s", bar.c_str(), 100.0 * frac,
                       static_cast<unsigned long long>(done), static_cast<unsigned long long>(total_), rate);
         std::string line = label_ + buf;
-        if (done < total_ && rate > 0) line += "  eta " + clock_time(double(total_ - done) / rate);
-        else if (done >= total_) line += "  " + clock_time(secs);
+        if (done < total_ && rate > 0)
+            line += "  eta " + clock_time(double(total_ - done) / rate);
+        else if (done >= total_)
+            line += "  " + clock_time(secs);
         const std::size_t len = line.size();
         if (line.size() < prev_len_) line.append(prev_len_ - line.size(), ' ');  // erase a longer previous line
         prev_len_ = len;
@@ -81,8 +87,10 @@ public:
     static std::string clock_time(double seconds) {
         const long long s = std::llround(std::max(0.0, seconds));
         char buf[48];
-        if (s >= 3600) std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", s / 3600, (s / 60) % 60, s % 60);
-        else std::snprintf(buf, sizeof buf, "%lld:%02lld", s / 60, s % 60);
+        if (s >= 3600)
+            std::snprintf(buf, sizeof buf, "%lld:%02lld:%02lld", s / 3600, (s / 60) % 60, s % 60);
+        else
+            std::snprintf(buf, sizeof buf, "%lld:%02lld", s / 60, s % 60);
         return buf;
     }
 

@@ -12,9 +12,11 @@ inline void check_finite_and_bounded(const float* x, int n, int d, float max_abs
     for (int t = 0; t < n; ++t)
         for (int c = 0; c < d; ++c) {
             const float v = x[static_cast<long>(t) * d + c];
-            if (!std::isfinite(v)) KVQ_THROW(what, " contains a non-finite value (", v, ") at token ", t, ", channel ", c);
+            if (!std::isfinite(v))
+                KVQ_THROW(what, " contains a non-finite value (", v, ") at token ", t, ", channel ", c);
             if (std::fabs(v) > max_abs)
-                KVQ_THROW(what, " value ", v, " at token ", t, ", channel ", c, " exceeds the storable range +-", max_abs);
+                KVQ_THROW(what, " value ", v, " at token ", t, ", channel ", c, " exceeds the storable range +-",
+                          max_abs);
         }
 }
 

@@ -12,7 +12,8 @@
 #include <cpuid.h>
 #include <immintrin.h>
 #define KVQ_TARGET_AVX2 __attribute__((target("avx2,fma,f16c,popcnt")))
-#define KVQ_TARGET_AVX512 __attribute__((target("avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
+#define KVQ_TARGET_AVX512 \
+    __attribute__((target("avx2,fma,f16c,popcnt,avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq")))
 // AVX-512 plus VNNI (VPDPBUSD): the grouped QJL scorer. Checked separately (has_avx512_vnni()):
 // some AVX-512 CPUs (Skylake-SP) lack VNNI and keep the VPOPCNTQ kernels.
 #define KVQ_TARGET_AVX512VNNI \
@@ -41,8 +42,7 @@ inline SimdLevel detected_simd_level() {
             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
             __builtin_cpu_supports("avx512vpopcntdq") && f16c)
             return SimdLevel::Avx512;
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c &&
-            __builtin_cpu_supports("popcnt"))
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c && __builtin_cpu_supports("popcnt"))
             return SimdLevel::Avx2;
         return SimdLevel::Scalar;
     }();

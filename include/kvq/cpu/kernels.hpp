@@ -169,14 +169,16 @@ KVQ_TARGET_AVX512 inline void qjl_score_m256_avx512(const std::uint8_t* codes, i
         const __m512i u1 = _mm512_add_epi64(_mm512_unpacklo_epi64(t2, t3), _mm512_unpackhi_epi64(t2, t3));
         const __m512i v = _mm512_add_epi64(_mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
                                            _mm512_shuffle_i64x2(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-        const __m256 f = _mm256_permutevar8x32_ps(_mm512_cvtepi64_ps(_mm512_sub_epi64(_mm512_add_epi64(v, v), us)), perm);
+        const __m256 f =
+            _mm256_permutevar8x32_ps(_mm512_cvtepi64_ps(_mm512_sub_epi64(_mm512_add_epi64(v, v), us)), perm);
         const __m256 nk = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(norms + i)));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(vcs, nk), f));
     }
     if (i < n) {
         std::int64_t T[8];
         qjl_bitsliced_avx512(codes + std::size_t(i) * 32, n - i, 4, planes, T);
-        for (int r = 0; r < n - i; ++r) out[i + r] = cs * half_to_float(norms[i + r]) * static_cast<float>(2 * T[r] - usum);
+        for (int r = 0; r < n - i; ++r)
+            out[i + r] = cs * half_to_float(norms[i + r]) * static_cast<float>(2 * T[r] - usum);
     }
 }
 
@@ -195,8 +197,8 @@ KVQ_TARGET_AVX512 inline void qjl_score_m256_avx512(const std::uint8_t* codes, i
 // codes: key i at codes + i * stride; norms: fp16 [n]; W: words per key (template, 0 = runtime).
 template <int W>
 KVQ_TARGET_AVX512VNNI inline void qjl_score4_vnni_t(const std::uint8_t* codes, std::size_t stride, int n, int words_rt,
-                                                   const std::int8_t* const* u, const half_t* norms, const float* cs,
-                                                   const std::int32_t* usum, float* const* out) {
+                                                    const std::int8_t* const* u, const half_t* norms, const float* cs,
+                                                    const std::int32_t* usum, float* const* out) {
     const int words = W > 0 ? W : words_rt;
     const __m512i ones = _mm512_set1_epi8(1);
     const __m512i tr_lo = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
@@ -227,8 +229,8 @@ KVQ_TARGET_AVX512VNNI inline void qjl_score4_vnni_t(const std::uint8_t* codes, s
                                 _mm512_shuffle_i32x4(s01, s23, _MM_SHUFFLE(3, 1, 3, 1)));  // lane 4k + g
     };
     // 16 keys: T as [head][key], scaled and stored under `m` (the first `cnt` keys).
-    auto finish = [&](const __m512i f0, const __m512i f1, const __m512i f2, const __m512i f3, const half_t* nk16,
-                      int i, __mmask16 m) KVQ_TARGET_AVX512VNNI {
+    auto finish = [&](const __m512i f0, const __m512i f1, const __m512i f2, const __m512i f3, const half_t* nk16, int i,
+                      __mmask16 m) KVQ_TARGET_AVX512VNNI {
         const __m512i m01 = _mm512_permutex2var_epi32(f0, tr_lo, f1), m23 = _mm512_permutex2var_epi32(f2, tr_lo, f3);
         const __m512i h01 = _mm512_permutex2var_epi32(f0, tr_hi, f1), h23 = _mm512_permutex2var_epi32(f2, tr_hi, f3);
         __m512i T[4];
@@ -239,7 +241,8 @@ KVQ_TARGET_AVX512VNNI inline void qjl_score4_vnni_t(const std::uint8_t* codes, s
         const __m512 nk = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(nk16)));
 #pragma GCC unroll 4
         for (int g = 0; g < 4; ++g) {
-            const __m512 f = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(T[g], T[g]), _mm512_set1_epi32(usum[g])));
+            const __m512 f =
+                _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(T[g], T[g]), _mm512_set1_epi32(usum[g])));
             _mm512_mask_storeu_ps(out[g] + i, m, _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(cs[g]), nk), f));
         }
     };
@@ -283,7 +286,8 @@ KVQ_TARGET_AVX512 inline __m512 tw_expand16_avx512(const std::uint8_t* code, int
         std::memcpy(&x, code + c / 2, 8);
         const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
         const __m512i sh = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
-        const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>(x))));
+        const __m512i v =
+            _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(_mm_cvtsi64_si128(static_cast<long long>(x))));
         // Low 4 bits of each lane = the code: a float table k -> k replaces mask + convert.
         const __m512 table = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         return _mm512_permutexvar_ps(_mm512_srlv_epi32(v, sh), table);
@@ -420,14 +424,15 @@ KVQ_TARGET_AVX512 inline void tw_accum_group_avx512_t(const TwBlockView& b, int 
                 for (int i = 0; i < n; i += 16) {
                     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1u);
                     const __m512 wv = _mm512_maskz_loadu_ps(m, w[g] + i);
-                    _mm512_mask_storeu_ps(coef + g * n + i, m, _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, stT + gr * n + i)));
+                    _mm512_mask_storeu_ps(coef + g * n + i, m,
+                                          _mm512_mul_ps(wv, _mm512_maskz_loadu_ps(m, stT + gr * n + i)));
                     bs = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, mnT + gr * n + i), bs);
                 }
                 bias[g] = _mm512_reduce_add_ps(bs);
             }
         }
         __m512 a0[8], a1[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
             a0[g] = _mm512_loadu_ps(acc[g] + c0);
             a1[g] = _mm512_setzero_ps();
@@ -437,7 +442,7 @@ KVQ_TARGET_AVX512 inline void tw_accum_group_avx512_t(const TwBlockView& b, int 
         for (; i + 2 <= n; i += 2, code += 2 * b.code_bytes) {
             const __m512 v0 = tw_expand16_avx512(code, c0, BITS);
             const __m512 v1 = tw_expand16_avx512(code + b.code_bytes, c0, BITS);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
                 a0[g] = _mm512_fmadd_ps(v0, _mm512_set1_ps(coef[g * n + i]), a0[g]);
                 a1[g] = _mm512_fmadd_ps(v1, _mm512_set1_ps(coef[g * n + i + 1]), a1[g]);
@@ -445,7 +450,7 @@ KVQ_TARGET_AVX512 inline void tw_accum_group_avx512_t(const TwBlockView& b, int 
         }
         if (i < n) {
             const __m512 v0 = tw_expand16_avx512(code, c0, BITS);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a0[g] = _mm512_fmadd_ps(v0, _mm512_set1_ps(coef[g * n + i]), a0[g]);
         }
         for (int g = 0; g < G; ++g)
@@ -493,23 +498,28 @@ KVQ_TARGET_AVX512 inline void tw_accum_group_rb_avx512_t(const TwBlockView& b, i
                 __m128 r0 = _mm_loadu_ps(w[0] + i0), r1 = _mm_loadu_ps(w[1] + i0);
                 __m128 r2 = _mm_loadu_ps(w[2] + i0), r3 = _mm_loadu_ps(w[3] + i0);
                 _MM_TRANSPOSE4_PS(r0, r1, r2, r3);  // r_t = [w_0, w_1, w_2, w_3] of token i0 + t
-                const __m512 s16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + std::size_t(i0) * 4)));
-                const __m512 m16 = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + std::size_t(i0) * 4)));
+                const __m512 s16 =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(st + std::size_t(i0) * 4)));
+                const __m512 m16 =
+                    _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mn + std::size_t(i0) * 4)));
                 const __m128 rt[4] = {r0, r1, r2, r3};
 #pragma GCC unroll 4
                 for (int t = 0; t < 4; ++t) {
                     const __m512i ist = _mm512_add_epi32(idx_s, _mm512_set1_epi32(4 * t));
                     const __m512 wv = _mm512_permutexvar_ps(idx_w, _mm512_castps128_ps512(rt[t]));
-                    _mm512_storeu_ps(coef + std::size_t(i0 + t) * 16, _mm512_mul_ps(wv, _mm512_permutexvar_ps(ist, s16)));
+                    _mm512_storeu_ps(coef + std::size_t(i0 + t) * 16,
+                                     _mm512_mul_ps(wv, _mm512_permutexvar_ps(ist, s16)));
                     bs = _mm512_fmadd_ps(wv, _mm512_permutexvar_ps(ist, m16), bs);
                 }
             }
         }
         for (; i0 < n; ++i0) {
             __m512 wt;
-            if constexpr (G == 4) wt = _mm512_castps128_ps512(_mm_setr_ps(w[0][i0], w[1][i0], w[2][i0], w[3][i0]));
-            else wt = _mm512_castps256_ps512(_mm256_setr_ps(w[0][i0], w[1][i0], w[2][i0], w[3][i0], w[4][i0], w[5][i0],
-                                                            w[6][i0], w[7][i0]));
+            if constexpr (G == 4)
+                wt = _mm512_castps128_ps512(_mm_setr_ps(w[0][i0], w[1][i0], w[2][i0], w[3][i0]));
+            else
+                wt = _mm512_castps256_ps512(
+                    _mm256_setr_ps(w[0][i0], w[1][i0], w[2][i0], w[3][i0], w[4][i0], w[5][i0], w[6][i0], w[7][i0]));
             const __m512 wv = _mm512_permutexvar_ps(idx_w, wt);
             const __m128 s4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(mg, st + std::size_t(i0) * groups));
             const __m128 m4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(mg, mn + std::size_t(i0) * groups));
@@ -550,7 +560,8 @@ KVQ_TARGET_AVX512 inline void tw_accum_group_rb_avx512_t(const TwBlockView& b, i
 #pragma GCC unroll 8
             for (int g = 0; g < G; ++g)
 #pragma GCC unroll 4
-                for (int s = 0; s < CH; ++s) A[g][s] = _mm512_fmadd_ps(v[s], _mm512_set1_ps(cf[(s / SPG) * G + g]), A[g][s]);
+                for (int s = 0; s < CH; ++s)
+                    A[g][s] = _mm512_fmadd_ps(v[s], _mm512_set1_ps(cf[(s / SPG) * G + g]), A[g][s]);
         }
 #pragma GCC unroll 8
         for (int g = 0; g < G; ++g)
@@ -620,15 +631,15 @@ KVQ_TARGET_AVX512 inline double exp_shift_avx512(float* s, int n, float mx) {
 // d % 16 == 0, G <= 8.
 template <int G>
 KVQ_TARGET_AVX512 inline void f32_dot_group_avx512_t(const float* K, int n, int d, const float* const* q,
-                                                   float* const* out) {
+                                                     float* const* out) {
     for (int i = 0; i < n; ++i) {
         const float* k = K + std::size_t(i) * d;
         __m512 a[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) a[g] = _mm512_setzero_ps();
         for (int c = 0; c < d; c += 16) {
             const __m512 kv = _mm512_loadu_ps(k + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(q[g] + c), kv, a[g]);
         }
         for (int g = 0; g < G; ++g) out[g][i] = _mm512_reduce_add_ps(a[g]);
@@ -637,10 +648,10 @@ KVQ_TARGET_AVX512 inline void f32_dot_group_avx512_t(const float* K, int n, int 
 
 template <int G>
 KVQ_TARGET_AVX512 inline void f32_axpy_group_avx512_t(const float* V, int n, int d, const float* const* w,
-                                                    float* const* acc) {
+                                                      float* const* acc) {
     for (int c = 0; c < d; c += 16) {
         __m512 a0[8], a1[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
             a0[g] = _mm512_loadu_ps(acc[g] + c);
             a1[g] = _mm512_setzero_ps();
@@ -649,7 +660,7 @@ KVQ_TARGET_AVX512 inline void f32_axpy_group_avx512_t(const float* V, int n, int
         for (; i + 2 <= n; i += 2) {
             const __m512 v0 = _mm512_loadu_ps(V + std::size_t(i) * d + c);
             const __m512 v1 = _mm512_loadu_ps(V + std::size_t(i + 1) * d + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
                 a0[g] = _mm512_fmadd_ps(v0, _mm512_set1_ps(w[g][i]), a0[g]);
                 a1[g] = _mm512_fmadd_ps(v1, _mm512_set1_ps(w[g][i + 1]), a1[g]);
@@ -657,10 +668,10 @@ KVQ_TARGET_AVX512 inline void f32_axpy_group_avx512_t(const float* V, int n, int
         }
         if (i < n) {
             const __m512 v0 = _mm512_loadu_ps(V + std::size_t(i) * d + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a0[g] = _mm512_fmadd_ps(v0, _mm512_set1_ps(w[g][i]), a0[g]);
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) _mm512_storeu_ps(acc[g] + c, _mm512_add_ps(a0[g], a1[g]));
     }
 }
@@ -678,8 +689,8 @@ KVQ_TARGET_AVX2 inline float hsum_avx2(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 // words % 4 == 0.
-KVQ_TARGET_AVX2 inline void qjl_bitsliced_avx2(const std::uint8_t* codes, int n, int words,
-                                               const std::uint64_t* planes, std::int64_t* T) {
+KVQ_TARGET_AVX2 inline void qjl_bitsliced_avx2(const std::uint8_t* codes, int n, int words, const std::uint64_t* planes,
+                                               std::int64_t* T) {
     const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
                                          2, 3, 2, 3, 3, 4);
     const __m256i lo4 = _mm256_set1_epi8(0x0f);
@@ -687,19 +698,21 @@ KVQ_TARGET_AVX2 inline void qjl_bitsliced_avx2(const std::uint8_t* codes, int n,
     for (int i = 0; i < n; ++i) {
         __m256i tot = zero;
         for (int w = 0; w < words; w += 4) {
-            const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (std::size_t(i) * words + w) * 8));
+            const __m256i x =
+                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (std::size_t(i) * words + w) * 8));
             __m256i c[8];
             for (int k = 0; k < 8; ++k) {
-                const __m256i y = _mm256_and_si256(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(planes + k * words + w)));
+                const __m256i y =
+                    _mm256_and_si256(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(planes + k * words + w)));
                 c[k] = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(y, lo4)),
                                        _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(y, 4), lo4)));
             }
             __m256i low = c[4];  // planes 0..4 in bytes: <= 8 * 31
             for (int k = 3; k >= 0; --k) low = _mm256_add_epi8(_mm256_add_epi8(low, low), c[k]);
             const __m256i mid = _mm256_add_epi8(_mm256_add_epi8(c[6], c[6]), c[5]);  // planes 5, 6: <= 24
-            const __m256i s = _mm256_sub_epi64(_mm256_add_epi64(_mm256_sad_epu8(low, zero),
-                                                                _mm256_slli_epi64(_mm256_sad_epu8(mid, zero), 5)),
-                                               _mm256_slli_epi64(_mm256_sad_epu8(c[7], zero), 7));
+            const __m256i s = _mm256_sub_epi64(
+                _mm256_add_epi64(_mm256_sad_epu8(low, zero), _mm256_slli_epi64(_mm256_sad_epu8(mid, zero), 5)),
+                _mm256_slli_epi64(_mm256_sad_epu8(c[7], zero), 7));
             tot = _mm256_add_epi64(tot, s);
         }
         const __m128i h = _mm_add_epi64(_mm256_castsi256_si128(tot), _mm256_extracti128_si256(tot, 1));
@@ -713,13 +726,15 @@ KVQ_TARGET_AVX2 inline __m256 tw_expand8_avx2(const std::uint8_t* code, int c, i
         std::uint16_t x;
         std::memcpy(&x, code + c / 4, 2);
         const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(x)), sh), _mm256_set1_epi32(3)));
+        return _mm256_cvtepi32_ps(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(x)), sh), _mm256_set1_epi32(3)));
     }
     if (bits == 4) {
         std::uint32_t x;
         std::memcpy(&x, code + c / 2, 4);
         const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-        return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(x)), sh), _mm256_set1_epi32(15)));
+        return _mm256_cvtepi32_ps(
+            _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(int(x)), sh), _mm256_set1_epi32(15)));
     }
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(code + c))));
 }
@@ -771,7 +786,7 @@ KVQ_TARGET_AVX2 inline void tw_accum_group_avx2_t(const TwBlockView& b, int firs
             }
         }
         __m256 a0[8], a1[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
             a0[g] = _mm256_loadu_ps(acc[g] + c0);
             a1[g] = _mm256_setzero_ps();
@@ -781,7 +796,7 @@ KVQ_TARGET_AVX2 inline void tw_accum_group_avx2_t(const TwBlockView& b, int firs
         for (; i + 2 <= n; i += 2, code += 2 * b.code_bytes) {
             const __m256 v0 = tw_expand8_avx2(code, c0, BITS);
             const __m256 v1 = tw_expand8_avx2(code + b.code_bytes, c0, BITS);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
                 a0[g] = _mm256_fmadd_ps(v0, _mm256_set1_ps(coef[g * n + i]), a0[g]);
                 a1[g] = _mm256_fmadd_ps(v1, _mm256_set1_ps(coef[g * n + i + 1]), a1[g]);
@@ -789,14 +804,13 @@ KVQ_TARGET_AVX2 inline void tw_accum_group_avx2_t(const TwBlockView& b, int firs
         }
         if (i < n) {
             const __m256 v0 = tw_expand8_avx2(code, c0, BITS);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a0[g] = _mm256_fmadd_ps(v0, _mm256_set1_ps(coef[g * n + i]), a0[g]);
         }
         for (int g = 0; g < G; ++g)
             _mm256_storeu_ps(acc[g] + c0, _mm256_add_ps(_mm256_add_ps(a0[g], a1[g]), _mm256_set1_ps(bias[g])));
     }
 }
-
 
 // AVX2 twin of tw_score_group_avx512_t: each token is dequantized once per 8 channels (code *
 // step + min, one FMA) and dotted with the G queries. Requires bits in {2, 4, 8}, group % 8 == 0,
@@ -839,15 +853,15 @@ KVQ_TARGET_AVX2 inline void tw_score_group_avx2_t(const TwBlockView& b, int firs
 // d % 8 == 0, G <= 8.
 template <int G>
 KVQ_TARGET_AVX2 inline void f32_dot_group_avx2_t(const float* K, int n, int d, const float* const* q,
-                                               float* const* out) {
+                                                 float* const* out) {
     for (int i = 0; i < n; ++i) {
         const float* k = K + std::size_t(i) * d;
         __m256 a[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) a[g] = _mm256_setzero_ps();
         for (int c = 0; c < d; c += 8) {
             const __m256 kv = _mm256_loadu_ps(k + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(q[g] + c), kv, a[g]);
         }
         for (int g = 0; g < G; ++g) out[g][i] = hsum_avx2(a[g]);
@@ -856,10 +870,10 @@ KVQ_TARGET_AVX2 inline void f32_dot_group_avx2_t(const float* K, int n, int d, c
 
 template <int G>
 KVQ_TARGET_AVX2 inline void f32_axpy_group_avx2_t(const float* V, int n, int d, const float* const* w,
-                                                float* const* acc) {
+                                                  float* const* acc) {
     for (int c = 0; c < d; c += 8) {
         __m256 a0[8], a1[8];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) {
             a0[g] = _mm256_loadu_ps(acc[g] + c);
             a1[g] = _mm256_setzero_ps();
@@ -868,7 +882,7 @@ KVQ_TARGET_AVX2 inline void f32_axpy_group_avx2_t(const float* V, int n, int d, 
         for (; i + 2 <= n; i += 2) {
             const __m256 v0 = _mm256_loadu_ps(V + std::size_t(i) * d + c);
             const __m256 v1 = _mm256_loadu_ps(V + std::size_t(i + 1) * d + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) {
                 a0[g] = _mm256_fmadd_ps(v0, _mm256_set1_ps(w[g][i]), a0[g]);
                 a1[g] = _mm256_fmadd_ps(v1, _mm256_set1_ps(w[g][i + 1]), a1[g]);
@@ -876,10 +890,10 @@ KVQ_TARGET_AVX2 inline void f32_axpy_group_avx2_t(const float* V, int n, int d, 
         }
         if (i < n) {
             const __m256 v0 = _mm256_loadu_ps(V + std::size_t(i) * d + c);
-            #pragma GCC unroll 8
+#pragma GCC unroll 8
             for (int g = 0; g < G; ++g) a0[g] = _mm256_fmadd_ps(v0, _mm256_set1_ps(w[g][i]), a0[g]);
         }
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int g = 0; g < G; ++g) _mm256_storeu_ps(acc[g] + c, _mm256_add_ps(a0[g], a1[g]));
     }
 }
@@ -952,22 +966,22 @@ KVQ_TARGET_AVX2 inline double exp_shift_avx2(float* s, int n, float mx) {
 #endif  // KVQ_X86_SIMD
 
 #if KVQ_X86_SIMD
-#define KVQ_SWITCH_G(G, CALL)          \
-    switch (G) {                       \
-        case 1: CALL(1); break;        \
-        case 2: CALL(2); break;        \
-        case 3: CALL(3); break;        \
-        case 4: CALL(4); break;        \
-        case 5: CALL(5); break;        \
-        case 6: CALL(6); break;        \
-        case 7: CALL(7); break;        \
-        default: CALL(8); break;       \
+#define KVQ_SWITCH_G(G, CALL)    \
+    switch (G) {                 \
+        case 1: CALL(1); break;  \
+        case 2: CALL(2); break;  \
+        case 3: CALL(3); break;  \
+        case 4: CALL(4); break;  \
+        case 5: CALL(5); break;  \
+        case 6: CALL(6); break;  \
+        case 7: CALL(7); break;  \
+        default: CALL(8); break; \
     }
 inline void tw_accum_group_avx512(const TwBlockView& b, int first, int n, int G, const float* const* w,
                                   float* const* acc, float* scratch) {
-#define KVQ_TW512(g)                                                                                   \
-    (b.bits == 2 ? tw_accum_group_avx512_t<g, 2>(b, first, n, w, acc, scratch)                        \
-                 : (b.bits == 4 ? tw_accum_group_avx512_t<g, 4>(b, first, n, w, acc, scratch)          \
+#define KVQ_TW512(g)                                                                          \
+    (b.bits == 2 ? tw_accum_group_avx512_t<g, 2>(b, first, n, w, acc, scratch)                \
+                 : (b.bits == 4 ? tw_accum_group_avx512_t<g, 4>(b, first, n, w, acc, scratch) \
                                 : tw_accum_group_avx512_t<g, 8>(b, first, n, w, acc, scratch)))
     KVQ_SWITCH_G(G, KVQ_TW512)
 #undef KVQ_TW512
@@ -985,12 +999,17 @@ template <int G, int BITS, int CH>
 inline void tw_accum_group_rb_avx512_spg(const TwBlockView& b, int first, int n, const float* const* w,
                                          float* const* acc, float* scratch, int spg) {
     if constexpr (CH >= 4) {
-        if (spg == 1) tw_accum_group_rb_avx512_t<G, BITS, CH, 1>(b, first, n, w, acc, scratch);
-        else if (spg == 2) tw_accum_group_rb_avx512_t<G, BITS, CH, 2>(b, first, n, w, acc, scratch);
-        else tw_accum_group_rb_avx512_t<G, BITS, CH, 4>(b, first, n, w, acc, scratch);
+        if (spg == 1)
+            tw_accum_group_rb_avx512_t<G, BITS, CH, 1>(b, first, n, w, acc, scratch);
+        else if (spg == 2)
+            tw_accum_group_rb_avx512_t<G, BITS, CH, 2>(b, first, n, w, acc, scratch);
+        else
+            tw_accum_group_rb_avx512_t<G, BITS, CH, 4>(b, first, n, w, acc, scratch);
     } else if constexpr (CH == 2) {
-        if (spg == 1) tw_accum_group_rb_avx512_t<G, BITS, CH, 1>(b, first, n, w, acc, scratch);
-        else tw_accum_group_rb_avx512_t<G, BITS, CH, 2>(b, first, n, w, acc, scratch);
+        if (spg == 1)
+            tw_accum_group_rb_avx512_t<G, BITS, CH, 1>(b, first, n, w, acc, scratch);
+        else
+            tw_accum_group_rb_avx512_t<G, BITS, CH, 2>(b, first, n, w, acc, scratch);
     } else {
         tw_accum_group_rb_avx512_t<G, BITS, CH, 1>(b, first, n, w, acc, scratch);
     }
@@ -999,38 +1018,43 @@ template <int G, int CH>
 inline void tw_accum_group_rb_avx512_g(const TwBlockView& b, int first, int n, const float* const* w, float* const* acc,
                                        float* scratch) {
     const int spg = std::min(b.group / 16, CH);
-    if (b.bits == 2) tw_accum_group_rb_avx512_spg<G, 2, CH>(b, first, n, w, acc, scratch, spg);
-    else if (b.bits == 4) tw_accum_group_rb_avx512_spg<G, 4, CH>(b, first, n, w, acc, scratch, spg);
-    else tw_accum_group_rb_avx512_spg<G, 8, CH>(b, first, n, w, acc, scratch, spg);
+    if (b.bits == 2)
+        tw_accum_group_rb_avx512_spg<G, 2, CH>(b, first, n, w, acc, scratch, spg);
+    else if (b.bits == 4)
+        tw_accum_group_rb_avx512_spg<G, 4, CH>(b, first, n, w, acc, scratch, spg);
+    else
+        tw_accum_group_rb_avx512_spg<G, 8, CH>(b, first, n, w, acc, scratch, spg);
 }
 inline void tw_accum_group_rb_avx512(const TwBlockView& b, int first, int n, int G, const float* const* w,
                                      float* const* acc, float* scratch) {
-    if (G == 4) tw_accum_group_rb_avx512_g<4, 4>(b, first, n, w, acc, scratch);
-    else tw_accum_group_rb_avx512_g<8, 2>(b, first, n, w, acc, scratch);
+    if (G == 4)
+        tw_accum_group_rb_avx512_g<4, 4>(b, first, n, w, acc, scratch);
+    else
+        tw_accum_group_rb_avx512_g<8, 2>(b, first, n, w, acc, scratch);
 }
 inline void tw_score_group_avx512(const TwBlockView& b, int first, int n, int G, const float* const* q,
                                   float* const* out, float* scratch) {
-#define KVQ_TWS(g)                                                                                    \
-    (b.bits == 2 ? tw_score_group_avx512_t<g, 2>(b, first, n, q, out, scratch)                       \
-                 : (b.bits == 4 ? tw_score_group_avx512_t<g, 4>(b, first, n, q, out, scratch)         \
+#define KVQ_TWS(g)                                                                            \
+    (b.bits == 2 ? tw_score_group_avx512_t<g, 2>(b, first, n, q, out, scratch)                \
+                 : (b.bits == 4 ? tw_score_group_avx512_t<g, 4>(b, first, n, q, out, scratch) \
                                 : tw_score_group_avx512_t<g, 8>(b, first, n, q, out, scratch)))
     KVQ_SWITCH_G(G, KVQ_TWS)
 #undef KVQ_TWS
 }
-inline void tw_score_group_avx2(const TwBlockView& b, int first, int n, int G, const float* const* q,
-                                float* const* out, float* scratch) {
-#define KVQ_TWS2(g)                                                                                   \
-    (b.bits == 2 ? tw_score_group_avx2_t<g, 2>(b, first, n, q, out, scratch)                         \
-                 : (b.bits == 4 ? tw_score_group_avx2_t<g, 4>(b, first, n, q, out, scratch)           \
+inline void tw_score_group_avx2(const TwBlockView& b, int first, int n, int G, const float* const* q, float* const* out,
+                                float* scratch) {
+#define KVQ_TWS2(g)                                                                         \
+    (b.bits == 2 ? tw_score_group_avx2_t<g, 2>(b, first, n, q, out, scratch)                \
+                 : (b.bits == 4 ? tw_score_group_avx2_t<g, 4>(b, first, n, q, out, scratch) \
                                 : tw_score_group_avx2_t<g, 8>(b, first, n, q, out, scratch)))
     KVQ_SWITCH_G(G, KVQ_TWS2)
 #undef KVQ_TWS2
 }
-inline void tw_accum_group_avx2(const TwBlockView& b, int first, int n, int G, const float* const* w,
-                                float* const* acc, float* scratch) {
-#define KVQ_TW256(g)                                                                                 \
-    (b.bits == 2 ? tw_accum_group_avx2_t<g, 2>(b, first, n, w, acc, scratch)                        \
-                 : (b.bits == 4 ? tw_accum_group_avx2_t<g, 4>(b, first, n, w, acc, scratch)          \
+inline void tw_accum_group_avx2(const TwBlockView& b, int first, int n, int G, const float* const* w, float* const* acc,
+                                float* scratch) {
+#define KVQ_TW256(g)                                                                        \
+    (b.bits == 2 ? tw_accum_group_avx2_t<g, 2>(b, first, n, w, acc, scratch)                \
+                 : (b.bits == 4 ? tw_accum_group_avx2_t<g, 4>(b, first, n, w, acc, scratch) \
                                 : tw_accum_group_avx2_t<g, 8>(b, first, n, w, acc, scratch)))
     KVQ_SWITCH_G(G, KVQ_TW256)
 #undef KVQ_TW256
@@ -1061,8 +1085,9 @@ inline void f32_axpy_group_avx2(const float* V, int n, int d, int G, const float
 // ---------------------------------------------------------------- dispatchers
 #if KVQ_X86_SIMD
 // Requires has_avx512_vnni() and words in [1, 16] (see qjl_score4_vnni_t).
-inline void qjl_score4_vnni(const std::uint8_t* codes, std::size_t stride, int n, int words, const std::int8_t* const* u,
-                            const half_t* norms, const float* cs, const std::int32_t* usum, float* const* out) {
+inline void qjl_score4_vnni(const std::uint8_t* codes, std::size_t stride, int n, int words,
+                            const std::int8_t* const* u, const half_t* norms, const float* cs, const std::int32_t* usum,
+                            float* const* out) {
     if (words == 4) return qjl_score4_vnni_t<4>(codes, stride, n, 4, u, norms, cs, usum, out);
     return qjl_score4_vnni_t<0>(codes, stride, n, words, u, norms, cs, usum, out);
 }
@@ -1139,7 +1164,8 @@ KVQ_TARGET_AVX512 inline void qjl_planes_from_i8_avx512(const std::int8_t* u, in
     for (int w = 0; w < words; ++w) {
         const __m512i x = _mm512_loadu_si512(u + 64 * w);
         for (int k = 0; k < 8; ++k)
-            planes[k * words + w] = _cvtmask64_u64(_mm512_test_epi8_mask(x, _mm512_set1_epi8(static_cast<char>(1u << k))));
+            planes[k * words + w] =
+                _cvtmask64_u64(_mm512_test_epi8_mask(x, _mm512_set1_epi8(static_cast<char>(1u << k))));
     }
 }
 #endif
@@ -1167,11 +1193,13 @@ inline void qjl_outlier_proj_scalar(const float* sketch_t, int rows, const std::
 #if KVQ_X86_SIMD
 // rows % 16 == 0, m % 16 == 0 (QJL sizes are multiples of 32).
 KVQ_TARGET_AVX512 inline void qjl_outlier_proj_avx512(const float* sketch_t, int rows, const std::uint8_t* ids, int k,
-                                                      const float* q, const float* sq, int m, float* p_in, float* p_out) {
+                                                      const float* q, const float* sq, int m, float* p_in,
+                                                      float* p_out) {
     for (int j = 0; j < rows; j += 16) {
         __m512 a = _mm512_setzero_ps();
         for (int o = 0; o < k; ++o)
-            a = _mm512_fmadd_ps(_mm512_loadu_ps(sketch_t + std::size_t(ids[o]) * rows + j), _mm512_set1_ps(q[ids[o]]), a);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(sketch_t + std::size_t(ids[o]) * rows + j), _mm512_set1_ps(q[ids[o]]),
+                                a);
         _mm512_storeu_ps(p_out + j, a);
         if (j < m) _mm512_storeu_ps(p_in + j, _mm512_sub_ps(_mm512_loadu_ps(sq + j), a));
     }
@@ -1229,8 +1257,14 @@ inline void f32_dot_group(const float* K, int n, int d, int G, const float* cons
     for (int g0 = 0; g0 < G; g0 += 8) {
         const int gb = std::min(8, G - g0);
 #if KVQ_X86_SIMD
-        if (l == SimdLevel::Avx512 && d % 16 == 0) { f32_dot_group_avx512(K, n, d, gb, q + g0, out + g0); continue; }
-        if (l >= SimdLevel::Avx2 && d % 8 == 0) { f32_dot_group_avx2(K, n, d, gb, q + g0, out + g0); continue; }
+        if (l == SimdLevel::Avx512 && d % 16 == 0) {
+            f32_dot_group_avx512(K, n, d, gb, q + g0, out + g0);
+            continue;
+        }
+        if (l >= SimdLevel::Avx2 && d % 8 == 0) {
+            f32_dot_group_avx2(K, n, d, gb, q + g0, out + g0);
+            continue;
+        }
 #endif
         (void)l;
         f32_dot_group_scalar(K, n, d, gb, q + g0, out + g0);
@@ -1241,8 +1275,14 @@ inline void f32_axpy_group(const float* V, int n, int d, int G, const float* con
     for (int g0 = 0; g0 < G; g0 += 8) {
         const int gb = std::min(8, G - g0);
 #if KVQ_X86_SIMD
-        if (l == SimdLevel::Avx512 && d % 16 == 0) { f32_axpy_group_avx512(V, n, d, gb, w + g0, acc + g0); continue; }
-        if (l >= SimdLevel::Avx2 && d % 8 == 0) { f32_axpy_group_avx2(V, n, d, gb, w + g0, acc + g0); continue; }
+        if (l == SimdLevel::Avx512 && d % 16 == 0) {
+            f32_axpy_group_avx512(V, n, d, gb, w + g0, acc + g0);
+            continue;
+        }
+        if (l >= SimdLevel::Avx2 && d % 8 == 0) {
+            f32_axpy_group_avx2(V, n, d, gb, w + g0, acc + g0);
+            continue;
+        }
 #endif
         (void)l;
         f32_axpy_group_scalar(V, n, d, gb, w + g0, acc + g0);

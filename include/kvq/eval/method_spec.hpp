@@ -231,12 +231,14 @@ struct MethodSpec {
 // Parses and validates SPEC; throws kvq::Error quoting the spec and the offending text.
 inline MethodSpec parse_method_spec(std::string_view text) {
     using detail::quote;
-    KVQ_CHECK(!text.empty(), "empty method spec (expected NAME[:KEY=VALUE,...], NAME one of ", detail::method_names(), ")");
-    KVQ_CHECK(text.size() <= kMaxSpecChars, "method spec ", quote(text), " is ", text.size(), " characters long, over the limit of ",
-              kMaxSpecChars);
+    KVQ_CHECK(!text.empty(), "empty method spec (expected NAME[:KEY=VALUE,...], NAME one of ", detail::method_names(),
+              ")");
+    KVQ_CHECK(text.size() <= kMaxSpecChars, "method spec ", quote(text), " is ", text.size(),
+              " characters long, over the limit of ", kMaxSpecChars);
     const std::size_t colon = text.find(':');
     const std::string_view name = text.substr(0, colon);
-    KVQ_CHECK(!name.empty(), "method spec ", quote(text), " has an empty method name (expected one of ", detail::method_names(), ")");
+    KVQ_CHECK(!name.empty(), "method spec ", quote(text), " has an empty method name (expected one of ",
+              detail::method_names(), ")");
     const detail::MethodDef* def = detail::find_method(name);
     KVQ_CHECK(def != nullptr, "method spec ", quote(text), ": unknown method ", quote(name), " (expected one of ",
               detail::method_names(), ")");
@@ -272,12 +274,13 @@ inline MethodSpec parse_method_spec(std::string_view text) {
                     if (!words.empty()) words += '|';
                     words += w;
                 }
-                KVQ_THROW("method spec ", quote(text), ": value ", quote(value), " of key ", quote(key), " must be one of ", words);
+                KVQ_THROW("method spec ", quote(text), ": value ", quote(value), " of key ", quote(key),
+                          " must be one of ", words);
             }
         } else {
             std::uint64_t v = 0;
-            KVQ_CHECK(detail::parse_uint(value, kd->max, v), "method spec ", quote(text), ": value ", quote(value), " of key ",
-                      quote(key), " is not an integer in [0, ", kd->max, "]");
+            KVQ_CHECK(detail::parse_uint(value, kd->max, v), "method spec ", quote(text), ": value ", quote(value),
+                      " of key ", quote(key), " is not an integer in [0, ", kd->max, "]");
             normal = std::to_string(v);
         }
         spec.params.emplace(std::string(key), std::move(normal));
@@ -308,7 +311,8 @@ struct Method {
     }
     // Every parameter spelled out, e.g. "K=qjl:m=256,mo=256,outliers=8,sketch=orthogonal V=int2:g=32 window=0".
     std::string description() const {
-        std::string s = "K=" + key_codec->name() + " V=" + value_codec->name() + " window=" + std::to_string(key_window.tokens);
+        std::string s =
+            "K=" + key_codec->name() + " V=" + value_codec->name() + " window=" + std::to_string(key_window.tokens);
         if (value_window.tokens != key_window.tokens) s += " vwindow=" + std::to_string(value_window.tokens);
         if (key_window.mode == FlushMode::Chunk) s += " kflush=chunk";
         const auto mode = [](calib::CalibMode m) {
@@ -339,14 +343,16 @@ struct Method {
 inline Method make_method(const MethodSpec& spec, int head_dim, int default_window = 0) {
     const std::string canon = spec.canonical();
     const detail::MethodDef* def = detail::find_method(spec.name);
-    KVQ_CHECK(def != nullptr, "unknown method ", detail::quote(spec.name), " (expected one of ", detail::method_names(), ")");
+    KVQ_CHECK(def != nullptr, "unknown method ", detail::quote(spec.name), " (expected one of ", detail::method_names(),
+              ")");
     for (const auto& [k, v] : spec.params)
-        KVQ_CHECK(detail::find_key(*def, k) != nullptr, "method ", detail::quote(canon), ": unknown key ", detail::quote(k));
+        KVQ_CHECK(detail::find_key(*def, k) != nullptr, "method ", detail::quote(canon), ": unknown key ",
+                  detail::quote(k));
     // Values of a MethodSpec built by hand are re-validated through the parser.
     const MethodSpec checked = parse_method_spec(canon);
     KVQ_CHECK(checked.params.size() == spec.params.size(), "method ", detail::quote(canon),
-              ": a parameter value contains ',' or '=' (", spec.params.size(), " parameters given, ", checked.params.size(),
-              " after re-parsing)");
+              ": a parameter value contains ',' or '=' (", spec.params.size(), " parameters given, ",
+              checked.params.size(), " after re-parsing)");
     const auto get_int = [&](const char* key, std::uint64_t dflt) -> std::uint64_t {
         auto it = checked.params.find(key);
         if (it == checked.params.end()) return dflt;
@@ -365,11 +371,13 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
     Method m;
     m.spec = checked;
     try {
-        KVQ_CHECK(default_window >= 0 && default_window <= (1 << 20), "default window must be in [0, 2^20], got ", default_window);
+        KVQ_CHECK(default_window >= 0 && default_window <= (1 << 20), "default window must be in [0, 2^20], got ",
+                  default_window);
         const int window = as_int(get_int("window", std::uint64_t(default_window)));
         const std::string& n = checked.name;
         if (n == "fp32" || n == "fp16" || n == "bf16") {
-            const StorageType st = n == "fp32" ? StorageType::F32 : (n == "fp16" ? StorageType::F16 : StorageType::BF16);
+            const StorageType st =
+                n == "fp32" ? StorageType::F32 : (n == "fp16" ? StorageType::F16 : StorageType::BF16);
             m.key_codec = std::make_shared<IdentityCodec>(head_dim, st);
             m.value_codec = m.key_codec;
         } else if (n.rfind("int", 0) == 0) {
@@ -393,7 +401,8 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
             m.calib_bits = bits;
             m.calib_group = g;
         } else if (n == "kivi") {
-            const KiviConfig k = make_kivi(head_dim, as_int(get_int("bits", 2)), as_int(get_int("window", kKiviResidual)));
+            const KiviConfig k =
+                make_kivi(head_dim, as_int(get_int("bits", 2)), as_int(get_int("window", kKiviResidual)));
             m.key_codec = k.key_codec;
             m.value_codec = k.value_codec;
         } else {  // qjl
@@ -402,7 +411,8 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
             p.m = as_int(get_int("m", 256));
             p.m_outlier = as_int(get_int("mo", 256));
             p.outliers = as_int(get_int("outliers", 8));
-            p.sketch = get_word("sketch", "orthogonal") == "gaussian" ? SketchKind::Gaussian : SketchKind::BlockOrthogonal;
+            p.sketch =
+                get_word("sketch", "orthogonal") == "gaussian" ? SketchKind::Gaussian : SketchKind::BlockOrthogonal;
             p.seed = get_int("seed", QjlParams{}.seed);
             m.key_codec = std::make_shared<QjlKeyCodec>(p);
             TokenwiseParams vp;
@@ -421,7 +431,8 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
         m.past_only = get_word("poq", "on") == "on";
         if (m.key_window.mode == FlushMode::Chunk)
             KVQ_CHECK(window % m.key_codec->granularity() == 0, "key chunk window (", window,
-                      ") must be a multiple of the key codec's encoding granularity (", m.key_codec->granularity(), ")");
+                      ") must be a multiple of the key codec's encoding granularity (", m.key_codec->granularity(),
+                      ")");
     } catch (const Error& e) {
         KVQ_THROW("method ", detail::quote(canon), ": ", detail::inner_message(e));
     }
@@ -432,7 +443,9 @@ inline Method make_method(const MethodSpec& spec, int head_dim, int default_wind
 struct KvSpec {
     MethodSpec key, value;  // equal for a single spec
     bool mixed = false;
-    std::string canonical() const { return mixed ? "k=" + key.canonical() + ";v=" + value.canonical() : key.canonical(); }
+    std::string canonical() const {
+        return mixed ? "k=" + key.canonical() + ";v=" + value.canonical() : key.canonical();
+    }
     friend bool operator==(const KvSpec&, const KvSpec&) = default;
 };
 
@@ -444,10 +457,11 @@ inline KvSpec parse_kv_spec(std::string_view text) {
     }
     KVQ_CHECK(text.size() <= 2 * kMaxSpecChars + 5, "method spec ", detail::quote(text), " is too long");
     const std::size_t semi = text.find(';');
-    KVQ_CHECK(semi != std::string_view::npos && text.substr(semi + 1, 2) == "v=", "mixed method spec ", detail::quote(text),
-              " must be of the form k=SPEC;v=SPEC");
+    KVQ_CHECK(semi != std::string_view::npos && text.substr(semi + 1, 2) == "v=", "mixed method spec ",
+              detail::quote(text), " must be of the form k=SPEC;v=SPEC");
     const std::string_view ks = text.substr(2, semi - 2), vs = text.substr(semi + 3);
-    KVQ_CHECK(vs.find(';') == std::string_view::npos, "mixed method spec ", detail::quote(text), " has more than one ';'");
+    KVQ_CHECK(vs.find(';') == std::string_view::npos, "mixed method spec ", detail::quote(text),
+              " has more than one ';'");
     s.key = parse_method_spec(ks);
     s.value = parse_method_spec(vs);
     s.mixed = true;

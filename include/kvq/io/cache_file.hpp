@@ -53,8 +53,8 @@ constexpr std::uint32_t cache_tag(const char (&s)[5]) {
     return std::uint32_t(std::uint8_t(s[0])) | std::uint32_t(std::uint8_t(s[1])) << 8 |
            std::uint32_t(std::uint8_t(s[2])) << 16 | std::uint32_t(std::uint8_t(s[3])) << 24;
 }
-inline constexpr std::uint32_t kTagHead = cache_tag("HEAD"), kTagToks = cache_tag("TOKS"),
-                               kTagPage = cache_tag("PAGE"), kTagWind = cache_tag("WIND"), kTagEnd = cache_tag("END.");
+inline constexpr std::uint32_t kTagHead = cache_tag("HEAD"), kTagToks = cache_tag("TOKS"), kTagPage = cache_tag("PAGE"),
+                               kTagWind = cache_tag("WIND"), kTagEnd = cache_tag("END.");
 
 // CRC-32 (IEEE 802.3, reflected polynomial 0xEDB88320, init and final xor 0xFFFFFFFF), as zlib's
 // crc32(); crc32(buf) continues crc32 of earlier bytes when `crc` is passed back in.
@@ -156,11 +156,11 @@ inline Reader read_section(Reader& r, std::uint32_t want, const std::string& wha
     const std::size_t at = r.pos;
     r.where = "cache file";
     const std::uint32_t tag = r.u32();
-    KVQ_CHECK(tag == want, "cache file: expected section ", tag_name(want), " (", what, ") at offset ", at, ", found \"",
-              tag_name(tag), "\"");
+    KVQ_CHECK(tag == want, "cache file: expected section ", tag_name(want), " (", what, ") at offset ", at,
+              ", found \"", tag_name(tag), "\"");
     const std::uint64_t len = r.u64();
-    KVQ_CHECK(len <= r.left() && r.left() - len >= 4, "cache file: section ", what, " at offset ", at, " is truncated (",
-              len, " payload bytes declared, ", r.left(), " bytes left)");
+    KVQ_CHECK(len <= r.left() && r.left() - len >= 4, "cache file: section ", what, " at offset ", at,
+              " is truncated (", len, " payload bytes declared, ", r.left(), " bytes left)");
     const std::uint8_t* payload = r.bytes(std::size_t(len));
     const std::uint32_t crc = r.u32();
     const std::uint32_t got = crc32(r.in.data() + at, std::size_t(len) + 12);
@@ -239,8 +239,9 @@ inline std::shared_ptr<const Codec> codec_from_record(const CodecRecord& rec, in
     const BlockLayout l = c->layout(block_tokens);
     KVQ_CHECK(l.code_bytes == rec.code_bytes && l.token_side_bytes == rec.token_side_bytes &&
                   l.block_side_bytes == rec.block_side_bytes && l.bytes() == rec.block_bytes,
-              "cache file: ", what, " codec ", c->name(), " lays out blocks differently from the writer (file: ",
-              rec.block_bytes, " bytes per block, this reader: ", l.bytes(), ")");
+              "cache file: ", what, " codec ", c->name(),
+              " lays out blocks differently from the writer (file: ", rec.block_bytes,
+              " bytes per block, this reader: ", l.bytes(), ")");
     KVQ_CHECK(sketch_crc(*c) == rec.sketch_crc, "cache file: ", what, " codec ", c->name(),
               ": the JL sketch generated here differs from the writer's (CRC ", sketch_crc(*c), " vs ", rec.sketch_crc,
               ")");
@@ -317,8 +318,8 @@ inline Parsed parse_cache(std::span<const std::uint8_t> bytes) {
     out.state.layers.resize(nl);
     for (auto& L : out.state.layers) {
         const std::uint32_t tok = t.u32(), ke = t.u32(), ve = t.u32();
-        KVQ_CHECK(tok <= 0x7FFFFFFFu && ke <= tok && ve <= tok, "cache file: token counts out of range (", tok, ", ", ke,
-                  ", ", ve, ")");
+        KVQ_CHECK(tok <= 0x7FFFFFFFu && ke <= tok && ve <= tok, "cache file: token counts out of range (", tok, ", ",
+                  ke, ", ", ve, ")");
         L.tokens = int(tok);
         L.key.encoded = int(ke);
         L.value.encoded = int(ve);
@@ -332,8 +333,10 @@ inline Parsed parse_cache(std::span<const std::uint8_t> bytes) {
         Reader p = read_section(r, kTagPage, pname);
         KVQ_CHECK(p.u32() == l, "cache file: ", pname, " is for another layer");
         const std::uint64_t lim = p.left();
-        const std::uint64_t kn = mul_bounded(mul_bounded((L.key.encoded + B - 1) / B, H, lim, "key pages"), kbb, lim, "key pages");
-        const std::uint64_t vn = mul_bounded(mul_bounded((L.value.encoded + B - 1) / B, H, lim, "value pages"), vbb, lim, "value pages");
+        const std::uint64_t kn =
+            mul_bounded(mul_bounded((L.key.encoded + B - 1) / B, H, lim, "key pages"), kbb, lim, "key pages");
+        const std::uint64_t vn =
+            mul_bounded(mul_bounded((L.value.encoded + B - 1) / B, H, lim, "value pages"), vbb, lim, "value pages");
         KVQ_CHECK(kn + vn == p.left(), "cache file: ", pname, " has ", p.left(), " block bytes, the token counts need ",
                   kn + vn);
         const std::uint8_t* kb = p.bytes(kn);
@@ -350,9 +353,12 @@ inline Parsed parse_cache(std::span<const std::uint8_t> bytes) {
         Reader w = read_section(r, kTagWind, wname);
         KVQ_CHECK(w.u32() == l, "cache file: ", wname, " is for another layer");
         const std::uint64_t wl = w.left();
-        const std::uint64_t kf = mul_bounded(mul_bounded(std::uint64_t(L.tokens - L.key.encoded), H * D, wl, "key window"), 4, wl, "key window");
-        const std::uint64_t vf = mul_bounded(mul_bounded(std::uint64_t(L.tokens - L.value.encoded), H * D, wl, "value window"), 4, wl, "value window");
-        KVQ_CHECK(kf + vf == w.left(), "cache file: ", wname, " has ", w.left(), " bytes, the token counts need ", kf + vf);
+        const std::uint64_t kf = mul_bounded(
+            mul_bounded(std::uint64_t(L.tokens - L.key.encoded), H * D, wl, "key window"), 4, wl, "key window");
+        const std::uint64_t vf = mul_bounded(
+            mul_bounded(std::uint64_t(L.tokens - L.value.encoded), H * D, wl, "value window"), 4, wl, "value window");
+        KVQ_CHECK(kf + vf == w.left(), "cache file: ", wname, " has ", w.left(), " bytes, the token counts need ",
+                  kf + vf);
         L.key.window.resize(kf / 4);
         if (kf) std::memcpy(L.key.window.data(), w.bytes(kf), kf);
         L.value.window.resize(vf / 4);
@@ -490,7 +496,8 @@ inline std::vector<std::uint8_t> save_cache_prefix(const KvCache& cache, int tok
 
 // A new cache with the file's config and codecs (rebuilt from their ids and parameters), in the
 // given pools (new private pools when null). Throws kvq::Error for any malformed input.
-inline std::unique_ptr<KvCache> load_cache(std::span<const std::uint8_t> bytes, std::shared_ptr<BlockPool> key_pool = {},
+inline std::unique_ptr<KvCache> load_cache(std::span<const std::uint8_t> bytes,
+                                           std::shared_ptr<BlockPool> key_pool = {},
                                            std::shared_ptr<BlockPool> value_pool = {}) {
     detail::Parsed p = detail::parse_cache(bytes);
     return KvCache::from_state(p.state, std::move(p.key_codec), std::move(p.value_codec), std::move(key_pool),
@@ -572,7 +579,9 @@ inline void write_file_atomic(const std::string& path, const std::vector<std::ui
     }
 }
 
-inline void save_cache_file(const KvCache& cache, const std::string& path) { write_file_atomic(path, save_cache(cache)); }
+inline void save_cache_file(const KvCache& cache, const std::string& path) {
+    write_file_atomic(path, save_cache(cache));
+}
 
 inline void save_cache_prefix_file(const KvCache& cache, int tokens, const std::string& path) {
     write_file_atomic(path, save_cache_prefix(cache, tokens));

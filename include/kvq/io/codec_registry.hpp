@@ -25,12 +25,12 @@ namespace kvq::io {
 
 // Everything needed to rebuild a supported codec. Fields a codec does not use are zero.
 struct CodecDescriptor {
-    std::uint8_t id = 0;        // CodecId
+    std::uint8_t id = 0;  // CodecId
     std::uint32_t head_dim = 0;
-    std::uint8_t storage = 0;   // identity: StorageType
-    std::uint32_t bits = 0;     // token-wise, WKV, KIVI
-    std::uint32_t group = 0;    // token-wise, WKV
-    std::uint32_t m = 0;        // QJL inlier sketch rows
+    std::uint8_t storage = 0;     // identity: StorageType
+    std::uint32_t bits = 0;       // token-wise, WKV, KIVI
+    std::uint32_t group = 0;      // token-wise, WKV
+    std::uint32_t m = 0;          // QJL inlier sketch rows
     std::uint32_t m_outlier = 0;  // QJL outlier sketch rows (0 when outliers = 0)
     std::uint32_t outliers = 0;   // QJL outlier channels per 32-token group
     std::uint8_t sketch = 0;      // QJL SketchKind
@@ -90,7 +90,8 @@ inline std::shared_ptr<const Codec> make_codec(const CodecDescriptor& d) {
     const int hd = detail::checked_int(d.head_dim, "head_dim");
     switch (d.id) {
         case std::uint8_t(CodecId::Identity):
-            KVQ_CHECK(d.storage <= 2, "identity codec storage type ", int(d.storage), " unknown (0 f32, 1 f16, 2 bf16)");
+            KVQ_CHECK(d.storage <= 2, "identity codec storage type ", int(d.storage),
+                      " unknown (0 f32, 1 f16, 2 bf16)");
             KVQ_CHECK(d.bits == 0 && d.group == 0 && d.m == 0 && d.m_outlier == 0 && d.outliers == 0 && d.sketch == 0 &&
                           d.seed == 0,
                       "identity codec descriptor has parameters of another codec");
@@ -132,7 +133,8 @@ inline std::shared_ptr<const Codec> make_codec(const CodecDescriptor& d) {
             return std::make_shared<QjlKeyCodec>(p);
         }
         default:
-            KVQ_THROW("codec id ", int(d.id), " not supported by this reader (supported: 1 identity, 2 tokenwise, 3 qjl, 4 wkv, 5 kivi-key)");
+            KVQ_THROW("codec id ", int(d.id),
+                      " not supported by this reader (supported: 1 identity, 2 tokenwise, 3 qjl, 4 wkv, 5 kivi-key)");
     }
 }
 

@@ -36,8 +36,19 @@ namespace kvq::io {
 static_assert(std::endian::native == std::endian::little, "GGUF is little-endian; kvq reads it with memcpy");
 
 enum class GgufType : std::uint32_t {
-    U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, Bool = 7, String = 8, Array = 9,
-    U64 = 10, I64 = 11, F64 = 12,
+    U8 = 0,
+    I8 = 1,
+    U16 = 2,
+    I16 = 3,
+    U32 = 4,
+    I32 = 5,
+    F32 = 6,
+    Bool = 7,
+    String = 8,
+    Array = 9,
+    U64 = 10,
+    I64 = 11,
+    F64 = 12,
 };
 
 enum class GgmlType : std::uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };
@@ -67,17 +78,23 @@ inline std::pair<std::uint64_t, std::uint64_t> ggml_block_layout(std::uint32_t t
 
 struct GgufValue {
     GgufType type = GgufType::U8;
-    std::uint64_t u = 0;           // unsigned integers and bool
-    std::int64_t i = 0;            // signed integers
-    double f = 0.0;                // F32 / F64
-    std::string s;                 // String
+    std::uint64_t u = 0;  // unsigned integers and bool
+    std::int64_t i = 0;   // signed integers
+    double f = 0.0;       // F32 / F64
+    std::string s;        // String
     GgufType array_type = GgufType::U8;
     std::vector<GgufValue> array;  // Array elements
 
     bool is_integer() const {
         switch (type) {
-            case GgufType::U8: case GgufType::U16: case GgufType::U32: case GgufType::U64:
-            case GgufType::I8: case GgufType::I16: case GgufType::I32: case GgufType::I64: return true;
+            case GgufType::U8:
+            case GgufType::U16:
+            case GgufType::U32:
+            case GgufType::U64:
+            case GgufType::I8:
+            case GgufType::I16:
+            case GgufType::I32:
+            case GgufType::I64: return true;
             default: return false;
         }
     }
@@ -90,7 +107,7 @@ struct GgufTensorInfo {
     std::string name;
     std::vector<std::uint64_t> ne;  // ne[0] contiguous
     std::uint32_t type = 0;
-    std::uint64_t offset = 0;       // relative to the data section
+    std::uint64_t offset = 0;  // relative to the data section
     std::uint64_t n_elements = 0;
     std::uint64_t n_bytes = 0;
     std::uint64_t file_offset = 0;  // absolute, in the buffer
@@ -206,10 +223,18 @@ private:
     }
     static std::uint64_t min_value_bytes(GgufType t) {
         switch (t) {
-            case GgufType::U8: case GgufType::I8: case GgufType::Bool: return 1;
-            case GgufType::U16: case GgufType::I16: return 2;
-            case GgufType::U32: case GgufType::I32: case GgufType::F32: return 4;
-            case GgufType::U64: case GgufType::I64: case GgufType::F64: case GgufType::String: return 8;
+            case GgufType::U8:
+            case GgufType::I8:
+            case GgufType::Bool: return 1;
+            case GgufType::U16:
+            case GgufType::I16: return 2;
+            case GgufType::U32:
+            case GgufType::I32:
+            case GgufType::F32: return 4;
+            case GgufType::U64:
+            case GgufType::I64:
+            case GgufType::F64:
+            case GgufType::String: return 8;
             case GgufType::Array: return 12;
         }
         return 1;
@@ -219,6 +244,7 @@ private:
         v.type = t;
         switch (t) {
             case GgufType::U8: v.u = rd<std::uint8_t>("u8"); break;
+            // NOLINTNEXTLINE(bugprone-signed-char-misuse): GGUF I8 is a signed integer, sign-extended on purpose
             case GgufType::I8: v.i = rd<std::int8_t>("i8"); break;
             case GgufType::U16: v.u = rd<std::uint16_t>("u16"); break;
             case GgufType::I16: v.i = rd<std::int16_t>("i16"); break;
@@ -242,8 +268,8 @@ private:
                 v.array_type = static_cast<GgufType>(et);
                 const std::uint64_t n = rd<std::uint64_t>("array count");
                 const std::uint64_t remain = buf_.size() - pos_;
-                KVQ_CHECK(n <= remain / min_value_bytes(v.array_type), "gguf: array count ", n,
-                          " cannot fit in the ", remain, " bytes that remain");
+                KVQ_CHECK(n <= remain / min_value_bytes(v.array_type), "gguf: array count ", n, " cannot fit in the ",
+                          remain, " bytes that remain");
                 KVQ_CHECK(n <= kGgufMaxArrayElements - array_elements_, "gguf: metadata arrays hold more than ",
                           kGgufMaxArrayElements, " elements in all");
                 array_elements_ += n;
@@ -267,8 +293,8 @@ private:
         // A pair takes >= 8 (key) + 4 (type) + 1 bytes; a tensor info >= 8 + 4 + 4 + 8.
         KVQ_CHECK(n_kv <= (buf_.size() - pos_) / 13, "gguf: metadata count ", n_kv, " is absurd for a file of ",
                   buf_.size(), " bytes");
-        KVQ_CHECK(n_tensors <= (buf_.size() - pos_) / 24, "gguf: tensor count ", n_tensors,
-                  " is absurd for a file of ", buf_.size(), " bytes");
+        KVQ_CHECK(n_tensors <= (buf_.size() - pos_) / 24, "gguf: tensor count ", n_tensors, " is absurd for a file of ",
+                  buf_.size(), " bytes");
         kv_.reserve(static_cast<std::size_t>(n_kv));
         for (std::uint64_t k = 0; k < n_kv; ++k) {
             std::string key = rd_string("metadata key");
@@ -322,9 +348,8 @@ private:
                   " past the end of the ", buf_.size(), "-byte file");
         for (auto& t : tensors_) {
             const std::uint64_t avail = buf_.size() - std::min<std::uint64_t>(data_start_, buf_.size());
-            KVQ_CHECK(t.offset <= avail && t.n_bytes <= avail - t.offset, "gguf: tensor '", t.name, "' (",
-                      t.n_bytes, " bytes at data offset ", t.offset, ") runs past the end of the file (", avail,
-                      " data bytes)");
+            KVQ_CHECK(t.offset <= avail && t.n_bytes <= avail - t.offset, "gguf: tensor '", t.name, "' (", t.n_bytes,
+                      " bytes at data offset ", t.offset, ") runs past the end of the file (", avail, " data bytes)");
             t.file_offset = data_start_ + t.offset;
         }
     }
@@ -395,12 +420,30 @@ inline std::vector<float> GgufFile::dequantize(const GgufTensorInfo& t) const {
 
 class GgufWriter {
 public:
-    void add_u32(const std::string& key, std::uint32_t v) { kv_head(key, GgufType::U32), put(v); ++n_kv_; }
-    void add_i32(const std::string& key, std::int32_t v) { kv_head(key, GgufType::I32), put(v); ++n_kv_; }
-    void add_u64(const std::string& key, std::uint64_t v) { kv_head(key, GgufType::U64), put(v); ++n_kv_; }
-    void add_f32(const std::string& key, float v) { kv_head(key, GgufType::F32), put(v); ++n_kv_; }
-    void add_bool(const std::string& key, bool v) { kv_head(key, GgufType::Bool), put<std::uint8_t>(v); ++n_kv_; }
-    void add_string(const std::string& key, const std::string& v) { kv_head(key, GgufType::String), str(v); ++n_kv_; }
+    void add_u32(const std::string& key, std::uint32_t v) {
+        kv_head(key, GgufType::U32), put(v);
+        ++n_kv_;
+    }
+    void add_i32(const std::string& key, std::int32_t v) {
+        kv_head(key, GgufType::I32), put(v);
+        ++n_kv_;
+    }
+    void add_u64(const std::string& key, std::uint64_t v) {
+        kv_head(key, GgufType::U64), put(v);
+        ++n_kv_;
+    }
+    void add_f32(const std::string& key, float v) {
+        kv_head(key, GgufType::F32), put(v);
+        ++n_kv_;
+    }
+    void add_bool(const std::string& key, bool v) {
+        kv_head(key, GgufType::Bool), put<std::uint8_t>(v);
+        ++n_kv_;
+    }
+    void add_string(const std::string& key, const std::string& v) {
+        kv_head(key, GgufType::String), str(v);
+        ++n_kv_;
+    }
     void add_string_array(const std::string& key, const std::vector<std::string>& v) {
         kv_head(key, GgufType::Array);
         put(static_cast<std::uint32_t>(GgufType::String));

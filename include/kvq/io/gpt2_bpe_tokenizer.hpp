@@ -44,8 +44,8 @@ public:
         for (std::size_t i = 0; i < tokens_.size(); ++i) vocab_.emplace(tokens_[i], static_cast<int>(i));
         for (std::size_t r = 0; r < merges.size(); ++r) {
             const auto sp = merges[r].find(' ');
-            KVQ_CHECK(sp != std::string::npos && sp > 0 && sp + 1 < merges[r].size(), "bpe tokenizer: merge ", r,
-                      " '", merges[r], "' is not 'left right'");
+            KVQ_CHECK(sp != std::string::npos && sp > 0 && sp + 1 < merges[r].size(), "bpe tokenizer: merge ", r, " '",
+                      merges[r], "' is not 'left right'");
             ranks_.emplace(merges[r], static_cast<int>(r));
         }
         for (std::size_t i = 0; i < types_.size(); ++i)
@@ -62,8 +62,10 @@ public:
             KVQ_CHECK(t->type == GgufType::Array, "bpe tokenizer: token_type is not an array");
             for (const auto& e : t->array) types.push_back(static_cast<std::int32_t>(e.is_signed() ? e.i : e.u));
         }
-        const int bos = f.has("tokenizer.ggml.bos_token_id") ? static_cast<int>(f.get_uint("tokenizer.ggml.bos_token_id")) : -1;
-        const int eos = f.has("tokenizer.ggml.eos_token_id") ? static_cast<int>(f.get_uint("tokenizer.ggml.eos_token_id")) : -1;
+        const int bos =
+            f.has("tokenizer.ggml.bos_token_id") ? static_cast<int>(f.get_uint("tokenizer.ggml.bos_token_id")) : -1;
+        const int eos =
+            f.has("tokenizer.ggml.eos_token_id") ? static_cast<int>(f.get_uint("tokenizer.ggml.eos_token_id")) : -1;
         return Gpt2BpeTokenizer(f.get_string_array("tokenizer.ggml.tokens"),
                                 f.get_string_array("tokenizer.ggml.merges"), std::move(types), bos, eos);
     }
@@ -115,8 +117,10 @@ public:
             const std::size_t before = i;
             const std::uint32_t cp = next_cp(t, i);
             auto it = unicode_to_byte_.find(cp);
-            if (it != unicode_to_byte_.end()) out.push_back(static_cast<char>(it->second));
-            else out.append(t, before, i - before);  // not from the byte alphabet: keep as is
+            if (it != unicode_to_byte_.end())
+                out.push_back(static_cast<char>(it->second));
+            else
+                out.append(t, before, i - before);  // not from the byte alphabet: keep as is
         }
         return out;
     }
@@ -146,7 +150,8 @@ public:
 
 private:
     bool is_special(int id) const {
-        return !types_.empty() && (types_[static_cast<std::size_t>(id)] == 3 || types_[static_cast<std::size_t>(id)] == 4);
+        return !types_.empty() &&
+               (types_[static_cast<std::size_t>(id)] == 3 || types_[static_cast<std::size_t>(id)] == 4);
     }
 
     static std::string utf8(std::uint32_t cp) {
@@ -225,8 +230,10 @@ private:
             // contractions
             if (cps[i] == '\'' && i + 1 < n) {
                 const std::uint32_t a = cps[i + 1], b = i + 2 < n ? cps[i + 2] : 0;
-                if (a == 's' || a == 't' || a == 'm' || a == 'd') j = i + 2;
-                else if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) j = i + 3;
+                if (a == 's' || a == 't' || a == 'm' || a == 'd')
+                    j = i + 2;
+                else if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l'))
+                    j = i + 3;
             }
             if (j == i) {
                 const std::size_t k = (cps[i] == ' ' && i + 1 < n) ? i + 1 : i;  // optional leading space
@@ -251,7 +258,8 @@ private:
         int extra = 0;
         for (int b = 0; b < 256; ++b) {
             const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
-            const std::uint32_t cp = printable ? static_cast<std::uint32_t>(b) : static_cast<std::uint32_t>(256 + extra++);
+            const std::uint32_t cp =
+                printable ? static_cast<std::uint32_t>(b) : static_cast<std::uint32_t>(256 + extra++);
             byte_to_unicode_[static_cast<std::size_t>(b)] = utf8(cp);
             unicode_to_byte_[cp] = static_cast<std::uint8_t>(b);
         }
@@ -289,7 +297,8 @@ private:
                     const std::size_t b = i;
                     next_cp(s, i);
                     const int bid = find(s.substr(b, i - b));
-                    KVQ_CHECK(bid >= 0, "bpe tokenizer: byte symbol '", s.substr(b, i - b), "' is not in the vocabulary");
+                    KVQ_CHECK(bid >= 0, "bpe tokenizer: byte symbol '", s.substr(b, i - b),
+                              "' is not in the vocabulary");
                     out.push_back(bid);
                 }
             }

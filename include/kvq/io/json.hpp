@@ -73,7 +73,8 @@ public:
 private:
     template <class T>
     const T& get(Type want) const {
-        if (type() != want) ::kvq::detail::throw_error("json::Value", "json: expected ", type_name(want), ", got ", type_name(type()));
+        if (type() != want)
+            ::kvq::detail::throw_error("json::Value", "json: expected ", type_name(want), ", got ", type_name(type()));
         return std::get<T>(v_);
     }
     std::variant<std::monostate, bool, std::int64_t, double, std::string, Array, Object> v_;
@@ -176,7 +177,9 @@ private:
         ::kvq::detail::throw_error("json::parse", "json: ", parts..., " at byte ", at);
     }
     template <class... Parts>
-    [[noreturn]] void fail(const Parts&... parts) const { fail_at(pos_, parts...); }
+    [[noreturn]] void fail(const Parts&... parts) const {
+        fail_at(pos_, parts...);
+    }
 
     std::string describe_here() const {
         if (pos_ >= t_.size()) return "end of input";
@@ -372,7 +375,10 @@ private:
         std::int64_t order = 0;  // decimal exponent of the leading significant digit
         bool seen_nonzero = false;
         for (bool frac = false; i < tok.size() && tok[i] != 'e' && tok[i] != 'E'; ++i) {
-            if (tok[i] == '.') { frac = true; continue; }
+            if (tok[i] == '.') {
+                frac = true;
+                continue;
+            }
             if (!seen_nonzero && tok[i] != '0') seen_nonzero = true;
             if (!frac && seen_nonzero) ++order;
             if (frac && !seen_nonzero) --order;
@@ -417,7 +423,9 @@ inline std::string quote(std::string_view s) {
             out += hex[c & 15];
         } else {
             const std::size_t len = detail::utf8_sequence_length(s, i);
-            if (len == 0) ::kvq::detail::throw_error("json::quote", "json: string \"", detail::preview(s), "\" is not valid UTF-8 at byte ", i);
+            if (len == 0)
+                ::kvq::detail::throw_error("json::quote", "json: string \"", detail::preview(s),
+                                           "\" is not valid UTF-8 at byte ", i);
             out.append(s.substr(i, len));
             i += len;
             continue;

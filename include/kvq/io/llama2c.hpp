@@ -38,7 +38,7 @@ struct LlamaConfig {
     int n_kv_heads = 0;
     int vocab_size = 0;  // always positive here; the file's sign is folded into shared_classifier
     int seq_len = 0;
-    int head_dim = 0;    // dim / n_heads
+    int head_dim = 0;               // dim / n_heads
     bool shared_classifier = true;  // classifier == token embedding (file stores +vocab_size)
     float rope_theta = 10000.0f;    // llama2.c hard-codes these two; not stored in the file
     float norm_eps = 1e-5f;
@@ -61,8 +61,8 @@ struct LlamaLayerWeights {
 struct LlamaWeights {
     std::vector<float> token_embedding;  // [vocab][dim]
     std::vector<LlamaLayerWeights> layers;
-    std::vector<float> rms_final;        // [dim]
-    std::vector<float> wcls;             // [vocab][dim]; empty when the classifier is shared
+    std::vector<float> rms_final;  // [dim]
+    std::vector<float> wcls;       // [vocab][dim]; empty when the classifier is shared
 
     const std::vector<float>& classifier() const { return wcls.empty() ? token_embedding : wcls; }
 };
@@ -113,8 +113,8 @@ struct FloatCursor {
         offset += out.size() * sizeof(float);
         // NaN/Inf weights would silently poison every logit; reject them at the door.
         for (std::size_t i = 0; i < out.size(); ++i)
-            KVQ_CHECK(std::isfinite(out[i]), "llama2c: tensor ", name, " has non-finite value ", out[i],
-                      " at index ", i);
+            KVQ_CHECK(std::isfinite(out[i]), "llama2c: tensor ", name, " has non-finite value ", out[i], " at index ",
+                      i);
         return out;
     }
     void skip(std::int64_t count) { offset += static_cast<std::size_t>(count) * sizeof(float); }
@@ -144,8 +144,7 @@ inline LlamaConfig parse_llama2c_header(std::span<const std::uint8_t> bytes) {
               " (magnitude must be in [1, ", kLlama2cMaxVocab, "]; negative means a separate classifier)");
     in_range(seq_len, kLlama2cMaxSeqLen, "seq_len");
     KVQ_CHECK(dim % heads == 0, "llama2c: dim = ", dim, " is not divisible by n_heads = ", heads);
-    KVQ_CHECK(heads % kv_heads == 0, "llama2c: n_heads = ", heads, " is not divisible by n_kv_heads = ",
-              kv_heads);
+    KVQ_CHECK(heads % kv_heads == 0, "llama2c: n_heads = ", heads, " is not divisible by n_kv_heads = ", kv_heads);
     const std::int64_t head_dim = dim / heads;
     // RoPE rotates adjacent pairs inside a head, so a head needs an even width.
     KVQ_CHECK(head_dim % 2 == 0, "llama2c: head_dim = dim / n_heads = ", head_dim, " is odd");
@@ -196,8 +195,7 @@ inline Llama2cCheckpoint parse_llama2c(std::span<const std::uint8_t> bytes) {
     const std::int64_t without_tables =
         checked_add(28, checked_mul(4, llama2c_float_count(c, false), "bytes"), "bytes");
     const auto actual = static_cast<std::uint64_t>(bytes.size());
-    KVQ_CHECK(actual == static_cast<std::uint64_t>(with_tables) ||
-                  actual == static_cast<std::uint64_t>(without_tables),
+    KVQ_CHECK(actual == static_cast<std::uint64_t>(with_tables) || actual == static_cast<std::uint64_t>(without_tables),
               "llama2c: file has ", actual, " bytes but the header (dim=", c.dim, " hidden_dim=", c.hidden_dim,
               " n_layers=", c.n_layers, " n_heads=", c.n_heads, " n_kv_heads=", c.n_kv_heads,
               " vocab_size=", c.vocab_size, (c.shared_classifier ? " shared" : " separate"),

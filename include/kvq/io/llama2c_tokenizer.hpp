@@ -48,11 +48,11 @@ public:
         };
         max_token_length_ = read_i32("max_token_length", -1);
         KVQ_CHECK(max_token_length_ > 0 && max_token_length_ <= kMaxTokenLengthLimit,
-                  "llama2c tokenizer: max_token_length = ", max_token_length_, " is outside [1, ",
-                  kMaxTokenLengthLimit, "]");
+                  "llama2c tokenizer: max_token_length = ", max_token_length_, " is outside [1, ", kMaxTokenLengthLimit,
+                  "]");
         // Each entry takes at least 8 bytes: reject an impossible vocab before reserving memory.
-        KVQ_CHECK(static_cast<std::uint64_t>(vocab_size) * 8 <= bytes.size() - off,
-                  "llama2c tokenizer: ", bytes.size(), " bytes cannot hold ", vocab_size, " entries");
+        KVQ_CHECK(static_cast<std::uint64_t>(vocab_size) * 8 <= bytes.size() - off, "llama2c tokenizer: ", bytes.size(),
+                  " bytes cannot hold ", vocab_size, " entries");
         pieces_.reserve(static_cast<std::size_t>(vocab_size));
         scores_.reserve(static_cast<std::size_t>(vocab_size));
         for (int id = 0; id < vocab_size; ++id) {
@@ -63,14 +63,14 @@ public:
             const std::int32_t len = read_i32("length", id);
             KVQ_CHECK(len >= 0 && len <= max_token_length_, "llama2c tokenizer: length of id ", id, " = ", len,
                       " is outside [0, max_token_length = ", max_token_length_, "]");
-            KVQ_CHECK(static_cast<std::size_t>(len) <= bytes.size() - off, "llama2c tokenizer: length of id ",
-                      id, " = ", len, " exceeds the ", bytes.size() - off, " remaining bytes");
+            KVQ_CHECK(static_cast<std::size_t>(len) <= bytes.size() - off, "llama2c tokenizer: length of id ", id,
+                      " = ", len, " exceeds the ", bytes.size() - off, " remaining bytes");
             pieces_.emplace_back(reinterpret_cast<const char*>(bytes.data() + off), static_cast<std::size_t>(len));
             scores_.push_back(score);
             off += static_cast<std::size_t>(len);
         }
-        KVQ_CHECK(off == bytes.size(), "llama2c tokenizer: ", bytes.size() - off,
-                  " trailing bytes after ", vocab_size, " entries (vocab_size mismatch with the file?)");
+        KVQ_CHECK(off == bytes.size(), "llama2c tokenizer: ", bytes.size() - off, " trailing bytes after ", vocab_size,
+                  " entries (vocab_size mismatch with the file?)");
         // First id wins on duplicate pieces, like llama2.c's original linear str_lookup.
         lookup_.reserve(pieces_.size());
         for (int id = 0; id < vocab_size; ++id) lookup_.emplace(pieces_[static_cast<std::size_t>(id)], id);
@@ -135,8 +135,8 @@ public:
             } else {
                 for (unsigned char b : cp) {
                     const int byte_id = b + kByteFallbackOffset;
-                    KVQ_CHECK(byte_id < vocab_size(), "llama2c tokenizer: byte-fallback id ", byte_id,
-                              " for byte ", static_cast<int>(b), " is outside vocab_size ", vocab_size());
+                    KVQ_CHECK(byte_id < vocab_size(), "llama2c tokenizer: byte-fallback id ", byte_id, " for byte ",
+                              static_cast<int>(b), " is outside vocab_size ", vocab_size());
                     tokens.push_back(byte_id);
                 }
             }
@@ -151,8 +151,8 @@ public:
 
 private:
     std::size_t checked_id(int id) const {
-        KVQ_CHECK(id >= 0 && id < vocab_size(), "llama2c tokenizer: token id ", id, " is outside [0, ",
-                  vocab_size(), ")");
+        KVQ_CHECK(id >= 0 && id < vocab_size(), "llama2c tokenizer: token id ", id, " is outside [0, ", vocab_size(),
+                  ")");
         return static_cast<std::size_t>(id);
     }
 

@@ -89,7 +89,8 @@ namespace detail {
 // size in bytes) does not fit, so later arithmetic on it cannot wrap.
 inline std::uint64_t checked_numel(std::string_view name, const std::vector<std::int64_t>& shape, std::size_t elem) {
     for (std::int64_t d : shape)
-        KVQ_CHECK(d >= 0, "safetensors: negative dimension ", d, " in shape ", shape_str(shape), " of tensor \"", json::detail::preview(name), "\"");
+        KVQ_CHECK(d >= 0, "safetensors: negative dimension ", d, " in shape ", shape_str(shape), " of tensor \"",
+                  json::detail::preview(name), "\"");
     if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
     const std::uint64_t max = static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max()) / elem;
     std::uint64_t n = 1;
@@ -152,8 +153,10 @@ public:
         const std::size_t size = f.bytes_.size();
         KVQ_CHECK(size >= 8, "safetensors: file is ", size, " bytes, shorter than the 8-byte header length");
         const std::uint64_t n = detail::load_le(f.bytes_.data(), 8);
-        KVQ_CHECK(n <= kMaxHeaderBytes, "safetensors: header length ", n, " exceeds the limit of ", kMaxHeaderBytes, " bytes");
-        KVQ_CHECK(n <= size - 8, "safetensors: header length ", n, " is larger than the ", size - 8, " bytes after the length field");
+        KVQ_CHECK(n <= kMaxHeaderBytes, "safetensors: header length ", n, " exceeds the limit of ", kMaxHeaderBytes,
+                  " bytes");
+        KVQ_CHECK(n <= size - 8, "safetensors: header length ", n, " is larger than the ", size - 8,
+                  " bytes after the length field");
         f.data_start_ = 8 + static_cast<std::size_t>(n);
         const std::string_view text(reinterpret_cast<const char*>(f.bytes_.data() + 8), static_cast<std::size_t>(n));
         json::Value root;
@@ -179,8 +182,8 @@ public:
 
     const TensorInfo& info(std::string_view name) const {
         auto it = tensors_.find(name);
-        KVQ_CHECK(it != tensors_.end(), "safetensors: no tensor named \"", json::detail::preview(name), "\" (the file has ",
-                  tensors_.size(), " tensors)");
+        KVQ_CHECK(it != tensors_.end(), "safetensors: no tensor named \"", json::detail::preview(name),
+                  "\" (the file has ", tensors_.size(), " tensors)");
         return it->second;
     }
 
@@ -210,13 +213,16 @@ public:
         std::vector<float> out(n);
         switch (t.dtype) {
             case Dtype::F32:
-                for (std::size_t i = 0; i < n; ++i) out[i] = bits_float(static_cast<std::uint32_t>(detail::load_le(p + 4 * i, 4)));
+                for (std::size_t i = 0; i < n; ++i)
+                    out[i] = bits_float(static_cast<std::uint32_t>(detail::load_le(p + 4 * i, 4)));
                 break;
             case Dtype::F16:
-                for (std::size_t i = 0; i < n; ++i) out[i] = half_to_float(half_t{static_cast<std::uint16_t>(detail::load_le(p + 2 * i, 2))});
+                for (std::size_t i = 0; i < n; ++i)
+                    out[i] = half_to_float(half_t{static_cast<std::uint16_t>(detail::load_le(p + 2 * i, 2))});
                 break;
             case Dtype::BF16:
-                for (std::size_t i = 0; i < n; ++i) out[i] = bf16_to_float(bf16_t{static_cast<std::uint16_t>(detail::load_le(p + 2 * i, 2))});
+                for (std::size_t i = 0; i < n; ++i)
+                    out[i] = bf16_to_float(bf16_t{static_cast<std::uint16_t>(detail::load_le(p + 2 * i, 2))});
                 break;
             default:
                 KVQ_THROW("safetensors: tensor \"", json::detail::preview(name), "\" has dtype ", dtype_name(t.dtype),
@@ -251,16 +257,22 @@ private:
         KVQ_CHECK(v.is_object(), "safetensors: entry ", q, " must be an object, got ", json::type_name(v.type()));
         const json::Value *dtype = nullptr, *shape = nullptr, *offsets = nullptr;
         for (const json::Member& m : v.as_object()) {
-            if (m.key == "dtype") dtype = &m.value;
-            else if (m.key == "shape") shape = &m.value;
-            else if (m.key == "data_offsets") offsets = &m.value;
-            else KVQ_THROW("safetensors: entry ", q, " has unknown field \"", json::detail::preview(m.key), "\"");
+            if (m.key == "dtype")
+                dtype = &m.value;
+            else if (m.key == "shape")
+                shape = &m.value;
+            else if (m.key == "data_offsets")
+                offsets = &m.value;
+            else
+                KVQ_THROW("safetensors: entry ", q, " has unknown field \"", json::detail::preview(m.key), "\"");
         }
         KVQ_CHECK(dtype, "safetensors: entry ", q, " is missing field \"dtype\"");
         KVQ_CHECK(shape, "safetensors: entry ", q, " is missing field \"shape\"");
         KVQ_CHECK(offsets, "safetensors: entry ", q, " is missing field \"data_offsets\"");
-        KVQ_CHECK(dtype->is_string(), "safetensors: field \"dtype\" of ", q, " must be a string, got ", json::type_name(dtype->type()));
-        KVQ_CHECK(shape->is_array(), "safetensors: field \"shape\" of ", q, " must be an array, got ", json::type_name(shape->type()));
+        KVQ_CHECK(dtype->is_string(), "safetensors: field \"dtype\" of ", q, " must be a string, got ",
+                  json::type_name(dtype->type()));
+        KVQ_CHECK(shape->is_array(), "safetensors: field \"shape\" of ", q, " must be an array, got ",
+                  json::type_name(shape->type()));
         KVQ_CHECK(offsets->is_array(), "safetensors: field \"data_offsets\" of ", q, " must be an array, got ",
                   json::type_name(offsets->type()));
 
@@ -272,25 +284,30 @@ private:
             KVQ_THROW(detail::inner_message(e), " for tensor ", q);
         }
         for (const json::Value& d : shape->as_array()) {
-            KVQ_CHECK(d.is_int(), "safetensors: shape of ", q, " must contain integers, got ", json::type_name(d.type()));
+            KVQ_CHECK(d.is_int(), "safetensors: shape of ", q, " must contain integers, got ",
+                      json::type_name(d.type()));
             t.shape.push_back(d.as_int());
         }
         const std::uint64_t numel = detail::checked_numel(name, t.shape, dtype_size(t.dtype));
 
         const json::Array& off = offsets->as_array();
-        KVQ_CHECK(off.size() == 2, "safetensors: data_offsets of ", q, " must be [begin, end], got ", off.size(), " elements");
+        KVQ_CHECK(off.size() == 2, "safetensors: data_offsets of ", q, " must be [begin, end], got ", off.size(),
+                  " elements");
         for (const json::Value& o : off) {
-            KVQ_CHECK(o.is_int(), "safetensors: data_offsets of ", q, " must be integers, got ", json::type_name(o.type()));
+            KVQ_CHECK(o.is_int(), "safetensors: data_offsets of ", q, " must be integers, got ",
+                      json::type_name(o.type()));
             KVQ_CHECK(o.as_int() >= 0, "safetensors: negative data offset ", o.as_int(), " for tensor ", q);
         }
         t.begin = static_cast<std::uint64_t>(off[0].as_int());
         t.end = static_cast<std::uint64_t>(off[1].as_int());
-        KVQ_CHECK(t.begin <= t.end, "safetensors: data_offsets [", t.begin, ", ", t.end, "] of ", q, " have begin > end");
-        KVQ_CHECK(t.end <= data_size(), "safetensors: data_offsets end ", t.end, " of ", q, " is beyond the data buffer of ",
-                  data_size(), " bytes");
+        KVQ_CHECK(t.begin <= t.end, "safetensors: data_offsets [", t.begin, ", ", t.end, "] of ", q,
+                  " have begin > end");
+        KVQ_CHECK(t.end <= data_size(), "safetensors: data_offsets end ", t.end, " of ", q,
+                  " is beyond the data buffer of ", data_size(), " bytes");
         const std::uint64_t need = numel * dtype_size(t.dtype);
-        KVQ_CHECK(t.end - t.begin == need, "safetensors: tensor ", q, " has ", t.end - t.begin, " bytes in data_offsets but dtype ",
-                  dtype_name(t.dtype), " and shape ", shape_str(t.shape), " need ", need, " bytes");
+        KVQ_CHECK(t.end - t.begin == need, "safetensors: tensor ", q, " has ", t.end - t.begin,
+                  " bytes in data_offsets but dtype ", dtype_name(t.dtype), " and shape ", shape_str(t.shape), " need ",
+                  need, " bytes");
         tensors_.emplace(name, std::move(t));
     }
 
@@ -298,12 +315,13 @@ private:
         std::vector<const TensorInfo*> order;
         for (const auto& kv : tensors_)
             if (kv.second.nbytes() > 0) order.push_back(&kv.second);  // an empty range overlaps nothing
-        std::sort(order.begin(), order.end(), [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
+        std::sort(order.begin(), order.end(),
+                  [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
         for (std::size_t i = 1; i < order.size(); ++i) {
             const TensorInfo& a = *order[i - 1];
             const TensorInfo& b = *order[i];
-            KVQ_CHECK(b.begin >= a.end, "safetensors: tensors \"", json::detail::preview(a.name), "\" [", a.begin, ", ", a.end,
-                      ") and \"", json::detail::preview(b.name), "\" [", b.begin, ", ", b.end, ") overlap");
+            KVQ_CHECK(b.begin >= a.end, "safetensors: tensors \"", json::detail::preview(a.name), "\" [", a.begin, ", ",
+                      a.end, ") and \"", json::detail::preview(b.name), "\" [", b.begin, ", ", b.end, ") overlap");
         }
     }
 
@@ -341,15 +359,16 @@ inline std::vector<std::uint8_t> serialize_safetensors(const std::vector<TensorT
         const std::string q = "\"" + json::detail::preview(t.name) + "\"";
         KVQ_CHECK(t.name != "__metadata__", "safetensors: \"__metadata__\" is reserved and cannot name a tensor");
         KVQ_CHECK(seen.insert(t.name).second, "safetensors: duplicate tensor name ", q);
-        KVQ_CHECK(t.dtype == Dtype::F32 || t.dtype == Dtype::F16 || t.dtype == Dtype::BF16, "safetensors: cannot write tensor ", q,
-                  " as dtype ", dtype_name(t.dtype), "; the writer supports F32, F16 and BF16");
+        KVQ_CHECK(t.dtype == Dtype::F32 || t.dtype == Dtype::F16 || t.dtype == Dtype::BF16,
+                  "safetensors: cannot write tensor ", q, " as dtype ", dtype_name(t.dtype),
+                  "; the writer supports F32, F16 and BF16");
         const std::uint64_t numel = detail::checked_numel(t.name, t.shape, dtype_size(t.dtype));
         KVQ_CHECK(numel == t.data.size(), "safetensors: tensor ", q, " has shape ", shape_str(t.shape), " (", numel,
                   " elements) but ", t.data.size(), " data values");
         const std::uint64_t end = offset + numel * dtype_size(t.dtype);
-        header += (header.size() > 1 ? "," : "") + json::quote(t.name) + ":{\"dtype\":\"" + std::string(dtype_name(t.dtype)) +
-                  "\",\"shape\":" + detail::json_ints(t.shape) + ",\"data_offsets\":[" + std::to_string(offset) + "," +
-                  std::to_string(end) + "]}";
+        header += (header.size() > 1 ? "," : "") + json::quote(t.name) + ":{\"dtype\":\"" +
+                  std::string(dtype_name(t.dtype)) + "\",\"shape\":" + detail::json_ints(t.shape) +
+                  ",\"data_offsets\":[" + std::to_string(offset) + "," + std::to_string(end) + "]}";
         offset = end;
     }
     header += "}";

@@ -56,8 +56,8 @@ inline GgufLlama load_gguf_llama(const io::GgufFile& f, int max_seq_len = 0) {
 
     auto load = [&](const std::string& name, std::uint64_t in, std::uint64_t out) {
         const io::GgufTensorInfo& t = f.tensor(name);
-        const bool ok = (out == 1) ? (t.ne.size() == 1 && t.ne[0] == in)
-                                   : (t.ne.size() == 2 && t.ne[0] == in && t.ne[1] == out);
+        const bool ok =
+            (out == 1) ? (t.ne.size() == 1 && t.ne[0] == in) : (t.ne.size() == 2 && t.ne[0] == in && t.ne[1] == out);
         KVQ_CHECK(ok, "gguf llama: tensor '", name, "' has an unexpected shape (expected [", in, ", ", out, "])");
         return f.dequantize(t);
     };

@@ -46,13 +46,15 @@ public:
     void reset() override { cache().clear(); }
 
     void decode(int layer, int pos, const float* q, const float* k, const float* v, float* out) override {
-        KVQ_CHECK(layer >= 0 && layer < cache().config().n_layers, "KvCacheBackend: layer ", layer,
-                  " is outside [0, ", cache().config().n_layers, ")");
+        KVQ_CHECK(layer >= 0 && layer < cache().config().n_layers, "KvCacheBackend: layer ", layer, " is outside [0, ",
+                  cache().config().n_layers, ")");
         // Positions arrive strictly in order; anything else means the caller forgot reset().
         KVQ_CHECK(pos == cache().tokens(layer), "KvCacheBackend: layer ", layer, " got pos ", pos, " but holds ",
                   cache().tokens(layer), " positions (call reset() before a new sequence)");
-        if (wkv_) wkv_->decode_step(layer, q, n_heads_, k, v, out, ws_);
-        else decode_step(*plain_, layer, q, n_heads_, k, v, out, ws_);
+        if (wkv_)
+            wkv_->decode_step(layer, q, n_heads_, k, v, out, ws_);
+        else
+            decode_step(*plain_, layer, q, n_heads_, k, v, out, ws_);
     }
 
     // The block cache (inside the WKV wrapper for a smoothed method: it holds smoothed vectors).
@@ -75,8 +77,9 @@ public:
 
 private:
     static int checked_heads(const LlamaConfig& m) {
-        KVQ_CHECK(m.n_heads > 0 && m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads == 0, "KvCacheBackend: n_heads = ",
-                  m.n_heads, " is not a positive multiple of n_kv_heads = ", m.n_kv_heads);
+        KVQ_CHECK(m.n_heads > 0 && m.n_kv_heads > 0 && m.n_heads % m.n_kv_heads == 0,
+                  "KvCacheBackend: n_heads = ", m.n_heads,
+                  " is not a positive multiple of n_kv_heads = ", m.n_kv_heads);
         return m.n_heads;
     }
     static CacheConfig with_model_shape(const LlamaConfig& m, CacheConfig c) {
@@ -87,8 +90,8 @@ private:
     }
 
     int n_heads_;
-    int smoothed_sides_ = 0;          // WKV: 1 or 2 of K / V smoothed
-    std::optional<KvCache> plain_;    // exactly one of plain_ / wkv_ is set
+    int smoothed_sides_ = 0;        // WKV: 1 or 2 of K / V smoothed
+    std::optional<KvCache> plain_;  // exactly one of plain_ / wkv_ is set
     std::optional<WkvKvCache> wkv_;
     AttentionWorkspace ws_;
 };

@@ -61,7 +61,8 @@ struct KvRecording {
 class KvRecorder : public AttentionBackend {
 public:
     // `inner` must outlive the recorder. max_tokens > 0 caps the recorded positions (the run goes on).
-    KvRecorder(AttentionBackend& inner, const LlamaConfig& c, int max_tokens = 0) : inner_(inner), max_tokens_(max_tokens) {
+    KvRecorder(AttentionBackend& inner, const LlamaConfig& c, int max_tokens = 0)
+        : inner_(inner), max_tokens_(max_tokens) {
         validate_config(c);
         KVQ_CHECK(max_tokens >= 0, "KvRecorder: max_tokens = ", max_tokens, " is negative");
         rec_.n_layers = c.n_layers;
@@ -83,10 +84,12 @@ public:
         inner_.decode(layer, pos, q, k, v, out);  // first, so that a rejected call records nothing
         if (done_ || (max_tokens_ > 0 && pos >= max_tokens_)) return;
         const auto l = static_cast<std::size_t>(layer);
-        KVQ_CHECK(layer >= 0 && layer < rec_.n_layers, "KvRecorder: layer ", layer, " is outside [0, ", rec_.n_layers, ")");
+        KVQ_CHECK(layer >= 0 && layer < rec_.n_layers, "KvRecorder: layer ", layer, " is outside [0, ", rec_.n_layers,
+                  ")");
         KVQ_CHECK(pos == rec_.tokens(layer), "KvRecorder: layer ", layer, " got pos ", pos, " but recorded ",
                   rec_.tokens(layer), " positions");
-        const std::size_t qn = std::size_t(rec_.n_heads) * rec_.head_dim, kvn = std::size_t(rec_.n_kv_heads) * rec_.head_dim;
+        const std::size_t qn = std::size_t(rec_.n_heads) * rec_.head_dim,
+                          kvn = std::size_t(rec_.n_kv_heads) * rec_.head_dim;
         rec_.q[l].insert(rec_.q[l].end(), q, q + qn);
         rec_.k[l].insert(rec_.k[l].end(), k, k + kvn);
         rec_.v[l].insert(rec_.v[l].end(), v, v + kvn);

@@ -39,8 +39,8 @@ struct BlockLayout {
 
 // Work a key codec does once per query vector ("set the query once, score many codes").
 struct PreparedQuery {
-    std::vector<float> q;     // [d] the query itself
-    std::vector<float> data;  // codec-specific (e.g. QJL: S q, [m_max])
+    std::vector<float> q;                // [d] the query itself
+    std::vector<float> data;             // codec-specific (e.g. QJL: S q, [m_max])
     mutable std::vector<float> scratch;  // per-block work space, reused so scoring never allocates
 };
 

@@ -4,8 +4,8 @@
 #include <Eigen/Core>
 
 #include "kvq/core/half.hpp"
-#include "kvq/cpu/kernels.hpp"
 #include "kvq/core/validate.hpp"
+#include "kvq/cpu/kernels.hpp"
 #include "kvq/quant/codec.hpp"
 
 namespace kvq {
@@ -35,9 +35,12 @@ public:
     void encode(const float* x, int n, std::uint8_t* block, int, int first) const override {
         for (int i = 0; i < n * d_; ++i) {
             const std::size_t e = std::size_t(first) * d_ + i;
-            if (type_ == StorageType::F32) reinterpret_cast<float*>(block)[e] = x[i];
-            else if (type_ == StorageType::F16) reinterpret_cast<half_t*>(block)[e] = float_to_half(x[i]);
-            else reinterpret_cast<bf16_t*>(block)[e] = float_to_bf16(x[i]);
+            if (type_ == StorageType::F32)
+                reinterpret_cast<float*>(block)[e] = x[i];
+            else if (type_ == StorageType::F16)
+                reinterpret_cast<half_t*>(block)[e] = float_to_half(x[i]);
+            else
+                reinterpret_cast<bf16_t*>(block)[e] = float_to_bf16(x[i]);
         }
     }
     void prepare(const float* q, PreparedQuery& pq) const override { pq.q.assign(q, q + d_); }
@@ -82,9 +85,12 @@ private:
     void load(const std::uint8_t* block, int tok, float* row) const {
         const std::size_t e0 = std::size_t(tok) * d_;
         for (int c = 0; c < d_; ++c) {
-            if (type_ == StorageType::F32) row[c] = reinterpret_cast<const float*>(block)[e0 + c];
-            else if (type_ == StorageType::F16) row[c] = half_to_float(reinterpret_cast<const half_t*>(block)[e0 + c]);
-            else row[c] = bf16_to_float(reinterpret_cast<const bf16_t*>(block)[e0 + c]);
+            if (type_ == StorageType::F32)
+                row[c] = reinterpret_cast<const float*>(block)[e0 + c];
+            else if (type_ == StorageType::F16)
+                row[c] = half_to_float(reinterpret_cast<const half_t*>(block)[e0 + c]);
+            else
+                row[c] = bf16_to_float(reinterpret_cast<const bf16_t*>(block)[e0 + c]);
         }
     }
     int d_;

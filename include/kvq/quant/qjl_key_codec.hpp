@@ -35,9 +35,9 @@ namespace kvq {
 
 struct QjlParams {
     int head_dim = 128;
-    int m = 256;         // inlier sketch size, multiple of 32 in [64, 1024]
-    int m_outlier = 256; // outlier sketch size, multiple of 32 in [32, 1024] (ignored when outliers = 0)
-    int outliers = 8;    // outlier channels per 32-token group, 0..16
+    int m = 256;          // inlier sketch size, multiple of 32 in [64, 1024]
+    int m_outlier = 256;  // outlier sketch size, multiple of 32 in [32, 1024] (ignored when outliers = 0)
+    int outliers = 8;     // outlier channels per 32-token group, 0..16
     SketchKind sketch = SketchKind::BlockOrthogonal;
     std::uint64_t seed = 0x6B7671ull;
 };
@@ -60,7 +60,8 @@ public:
         sketch_ = make_jl_sketch(p.seed, rows_, p.head_dim, p.sketch);
         sketch_t_.resize(sketch_.size());
         for (int j = 0; j < rows_; ++j)
-            for (int c = 0; c < p.head_dim; ++c) sketch_t_[std::size_t(c) * rows_ + j] = sketch_[std::size_t(j) * p.head_dim + c];
+            for (int c = 0; c < p.head_dim; ++c)
+                sketch_t_[std::size_t(c) * rows_ + j] = sketch_[std::size_t(j) * p.head_dim + c];
     }
 
     const QjlParams& params() const { return p_; }
@@ -123,8 +124,9 @@ public:
                 for (int t = g0; t < g0 + G; ++t)
                     for (int c = 0; c < d; ++c) energy[c] += double(kin(t, c)) * kin(t, c);
                 std::iota(chan.begin(), chan.end(), 0);
-                std::partial_sort(chan.begin(), chan.begin() + p_.outliers, chan.end(),
-                                  [&](int a, int b) { return energy[a] > energy[b] || (energy[a] == energy[b] && a < b); });
+                std::partial_sort(chan.begin(), chan.begin() + p_.outliers, chan.end(), [&](int a, int b) {
+                    return energy[a] > energy[b] || (energy[a] == energy[b] && a < b);
+                });
                 std::sort(chan.begin(), chan.begin() + p_.outliers);
                 std::uint8_t* gid = ids + (first + g0) / kGroup * p_.outliers;
                 for (int i = 0; i < p_.outliers; ++i) gid[i] = static_cast<std::uint8_t>(chan[i]);
@@ -429,7 +431,8 @@ private:
     static void bitsliced(const std::uint8_t* codes, int n, int words, const std::uint64_t* planes, std::int64_t* T) {
 #if KVQ_X86_SIMD
         const cpu::SimdLevel lv = cpu::simd_level();
-        if (lv == cpu::SimdLevel::Avx512 && words <= 8 && 8 % words == 0) return cpu::qjl_bitsliced_avx512(codes, n, words, planes, T);
+        if (lv == cpu::SimdLevel::Avx512 && words <= 8 && 8 % words == 0)
+            return cpu::qjl_bitsliced_avx512(codes, n, words, planes, T);
         if (lv >= cpu::SimdLevel::Avx2 && words % 4 == 0) return cpu::qjl_bitsliced_avx2(codes, n, words, planes, T);
 #endif
         cpu::qjl_bitsliced_scalar(codes, n, words, planes, T);

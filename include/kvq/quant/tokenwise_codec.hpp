@@ -16,8 +16,8 @@
 // | block side | none                                          | 0            |
 #include <algorithm>
 #include <array>
-#include <cstring>
 #include <cmath>
+#include <cstring>
 
 #include <Eigen/Core>
 
@@ -72,9 +72,7 @@ public:
     const TokenwiseParams& params() const { return p_; }
 
     CodecId id() const override { return CodecId::Tokenwise; }
-    std::string name() const override {
-        return "int" + std::to_string(p_.bits) + ":g=" + std::to_string(p_.group);
-    }
+    std::string name() const override { return "int" + std::to_string(p_.bits) + ":g=" + std::to_string(p_.group); }
     int head_dim() const override { return p_.head_dim; }
 
     BlockLayout layout(int block_tokens) const override {
@@ -162,8 +160,13 @@ public:
         if ((p_.bits == 2 || p_.bits == 4 || p_.bits == 8) && (avx512 || avx2) && n > 0) {
             const BlockLayout l = layout(block_tokens);
             const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
-            const cpu::TwBlockView v{block + l.codes_offset(), static_cast<int>(l.code_bytes), steps,
-                                     steps + std::size_t(block_tokens) * groups_, groups_, p_.group, p_.bits,
+            const cpu::TwBlockView v{block + l.codes_offset(),
+                                     static_cast<int>(l.code_bytes),
+                                     steps,
+                                     steps + std::size_t(block_tokens) * groups_,
+                                     groups_,
+                                     p_.group,
+                                     p_.bits,
                                      p_.head_dim};
             thread_local std::vector<float> scratch;
             scratch.resize(std::size_t(n) * 2 * groups_ + 16);
@@ -171,8 +174,10 @@ public:
                 const float* q[8];
                 const int gb = std::min(8, G - g0);
                 for (int g = 0; g < gb; ++g) q[g] = pq[g0 + g]->q.data();
-                if (avx512) cpu::tw_score_group_avx512(v, first, n, gb, q, out + g0, scratch.data());
-                else cpu::tw_score_group_avx2(v, first, n, gb, q, out + g0, scratch.data());
+                if (avx512)
+                    cpu::tw_score_group_avx512(v, first, n, gb, q, out + g0, scratch.data());
+                else
+                    cpu::tw_score_group_avx2(v, first, n, gb, q, out + g0, scratch.data());
             }
             return;
         }
@@ -194,8 +199,13 @@ public:
         if (bits_ok && (avx512 || avx2) && n > 0) {
             const BlockLayout l = layout(block_tokens);
             const half_t* steps = reinterpret_cast<const half_t*>(block + l.token_side_offset());
-            const cpu::TwBlockView v{block + l.codes_offset(), static_cast<int>(l.code_bytes), steps,
-                                     steps + std::size_t(block_tokens) * groups_, groups_, p_.group, p_.bits,
+            const cpu::TwBlockView v{block + l.codes_offset(),
+                                     static_cast<int>(l.code_bytes),
+                                     steps,
+                                     steps + std::size_t(block_tokens) * groups_,
+                                     groups_,
+                                     p_.group,
+                                     p_.bits,
                                      p_.head_dim};
             thread_local std::vector<float> scratch;
             scratch.resize(std::size_t(n) * std::max(4 * groups_ + 8, 10 * groups_) + 32);
@@ -205,8 +215,10 @@ public:
                 // token range), else the per-16-channel kernel.
                 if (avx512 && cpu::tw_accum_rb_supported(v, gb))
                     cpu::tw_accum_group_rb_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
-                else if (avx512) cpu::tw_accum_group_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
-                else cpu::tw_accum_group_avx2(v, first, n, gb, w + g0, acc + g0, scratch.data());
+                else if (avx512)
+                    cpu::tw_accum_group_avx512(v, first, n, gb, w + g0, acc + g0, scratch.data());
+                else
+                    cpu::tw_accum_group_avx2(v, first, n, gb, w + g0, acc + g0, scratch.data());
             }
             return;
         }

@@ -70,8 +70,8 @@ public:
     void decode(const std::uint8_t* block, int block_tokens, int first, int n, float* out) const override {
         inner_.decode(block, block_tokens, first, n, out);
     }
-    void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first, int n,
-                     float* const* out) const override {
+    void score_group(const PreparedQuery* const* pq, int G, const std::uint8_t* block, int block_tokens, int first,
+                     int n, float* const* out) const override {
         inner_.score_group(pq, G, block, block_tokens, first, n, out);
     }
     void accumulate_group(const std::uint8_t* block, int block_tokens, int first, int n, int G, const float* const* w,

@@ -18,7 +18,7 @@
 
 namespace kvq::wq {
 
-inline constexpr int kW4GridSteps = 13;        // alpha = 1, 0.975, ..., 0.70
+inline constexpr int kW4GridSteps = 13;  // alpha = 1, 0.975, ..., 0.70
 inline constexpr double kW4GridLowest = 0.70;
 
 // The float logit quantize_w4 reads for a clipping strength alpha in (0, 1].

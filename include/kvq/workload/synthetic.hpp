@@ -63,37 +63,41 @@ struct SyntheticSpec {
     int tokens = 1024;
     std::uint64_t seed = 0x6B76712D6576616Cull;  // "kvq-eval"
 
-    int outlier_channels = 4;      // outlier channels per (layer, KV head), in [0, head_dim]
-    float outlier_scale = 10.0f;   // s_c of an outlier channel
-    float bias_std = 1.0f;         // std of the per-channel offset mu_c
-    float noise_std = 1.0f;        // std of the per-token key noise
-    float drift_std = 1.0f;        // amplitude of the slowly varying component
-    float drift_tokens = 64.0f;    // its correlation length in tokens (> 0)
+    int outlier_channels = 4;     // outlier channels per (layer, KV head), in [0, head_dim]
+    float outlier_scale = 10.0f;  // s_c of an outlier channel
+    float bias_std = 1.0f;        // std of the per-channel offset mu_c
+    float noise_std = 1.0f;       // std of the per-token key noise
+    float drift_std = 1.0f;       // amplitude of the slowly varying component
+    float drift_tokens = 64.0f;   // its correlation length in tokens (> 0)
     float value_std = 1.0f;
-    float query_gain = 0.3f;       // a in q = a R k_j + noise
-    float query_noise = 0.1f;      // std of the query's own noise
+    float query_gain = 0.3f;          // a in q = a R k_j + noise
+    float query_noise = 0.1f;         // std of the query's own noise
     float query_outlier_gain = 0.1f;  // r_c on outlier channels (default 1 / outlier_scale)
 
     // Throws kvq::Error naming the first invalid field.
     void validate() const {
         KVQ_CHECK(layers >= 1 && layers <= 4096, "synthetic workload: layers must be in [1, 4096], got ", layers);
-        KVQ_CHECK(kv_heads >= 1 && kv_heads <= 1024, "synthetic workload: kv_heads must be in [1, 1024], got ", kv_heads);
+        KVQ_CHECK(kv_heads >= 1 && kv_heads <= 1024, "synthetic workload: kv_heads must be in [1, 1024], got ",
+                  kv_heads);
         KVQ_CHECK(q_heads >= kv_heads && q_heads <= 4096 && q_heads % kv_heads == 0,
-                  "synthetic workload: q_heads must be a multiple of kv_heads (", kv_heads, ") up to 4096, got ", q_heads);
-        KVQ_CHECK(head_dim >= 1 && head_dim <= 4096, "synthetic workload: head_dim must be in [1, 4096], got ", head_dim);
+                  "synthetic workload: q_heads must be a multiple of kv_heads (", kv_heads, ") up to 4096, got ",
+                  q_heads);
+        KVQ_CHECK(head_dim >= 1 && head_dim <= 4096, "synthetic workload: head_dim must be in [1, 4096], got ",
+                  head_dim);
         KVQ_CHECK(tokens >= 1 && tokens <= (1 << 24), "synthetic workload: tokens must be in [1, 2^24], got ", tokens);
         KVQ_CHECK(double(q_heads) * tokens * head_dim <= double(std::numeric_limits<int>::max()),
                   "synthetic workload: q_heads * tokens * head_dim (", double(q_heads) * tokens * head_dim,
                   ") exceeds 2^31 - 1 elements per layer");
         KVQ_CHECK(outlier_channels >= 0 && outlier_channels <= head_dim,
-                  "synthetic workload: outlier_channels must be in [0, head_dim = ", head_dim, "], got ", outlier_channels);
-        const float fields[] = {outlier_scale, bias_std,   noise_std,   drift_std,         value_std,
+                  "synthetic workload: outlier_channels must be in [0, head_dim = ", head_dim, "], got ",
+                  outlier_channels);
+        const float fields[] = {outlier_scale, bias_std,    noise_std,    drift_std,         value_std,
                                 query_gain,    query_noise, drift_tokens, query_outlier_gain};
         const char* names[] = {"outlier_scale", "bias_std",    "noise_std",    "drift_std",         "value_std",
                                "query_gain",    "query_noise", "drift_tokens", "query_outlier_gain"};
         for (int i = 0; i < 9; ++i)
-            KVQ_CHECK(std::isfinite(fields[i]) && fields[i] >= 0.0f && fields[i] <= 1e4f, "synthetic workload: ", names[i],
-                      " must be finite and in [0, 1e4], got ", fields[i]);
+            KVQ_CHECK(std::isfinite(fields[i]) && fields[i] >= 0.0f && fields[i] <= 1e4f,
+                      "synthetic workload: ", names[i], " must be finite and in [0, 1e4], got ", fields[i]);
         KVQ_CHECK(drift_tokens > 0.0f, "synthetic workload: drift_tokens must be positive, got ", drift_tokens);
     }
 
@@ -152,7 +156,8 @@ public:
     }
     // Uniform integer in [0, n), n >= 1, by rejection (no modulo bias).
     std::uint64_t below(std::uint64_t n) {
-        const std::uint64_t limit = std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % n;
+        const std::uint64_t limit =
+            std::numeric_limits<std::uint64_t>::max() - std::numeric_limits<std::uint64_t>::max() % n;
         for (;;) {
             const std::uint64_t x = g_();
             if (x < limit) return x % n;
@@ -237,7 +242,8 @@ inline LayerKV generate_layer(const SyntheticSpec& s, int layer) {
                 const float* kj = kh + std::size_t(j) * d;
                 for (int c = 0; c < d; ++c) {
                     const double r = hs.outlier[c] ? s.query_outlier_gain : 1.0;
-                    qh[std::size_t(t) * d + c] = static_cast<float>(s.query_gain * r * kj[c] + s.query_noise * qr.normal());
+                    qh[std::size_t(t) * d + c] =
+                        static_cast<float>(s.query_gain * r * kj[c] + s.query_noise * qr.normal());
                 }
             }
         }
