@@ -88,6 +88,8 @@ const char* const kUsage =
     "  --weights SPEC    block linears: fp32 (default) | w4=rtn[,g=G] | w4=grid[,g=G] | w4=crr:FILE |\n"
     "                    w4=lwc-local:FILE (grid: gradient-free clipping search, no file)\n"
     "                    (FILE from kvq-calibrate; kl/compare then use the same weights for the reference)\n"
+    "  --weights-kv      wkv methods take their smoothing (delta, s) from the --weights FILE (learned\n"
+    "                    with the weights by CRR/LWC) instead of calibrating on --calib-text\n"
     "  --json            machine-readable output on stdout (ppl, kl: one JSON object per line and\n"
     "                    method, printed as each finishes; compare: one JSON array)\n";
 
@@ -98,7 +100,8 @@ struct Args {
     std::map<std::string, std::string> opt;
     std::vector<std::string> kvs;  // every --kv, in order (opt["kv"] holds the last)
     bool json = false;
-    int progress = -1;  // --progress 1, --no-progress 0, default -1: when stderr is a terminal
+    bool weights_kv = false;  // --weights-kv: WKV smoothing from the --weights file
+    int progress = -1;        // --progress 1, --no-progress 0, default -1: when stderr is a terminal
 
     bool has(const std::string& k) const { return opt.count(k) > 0; }
     std::string str(const std::string& k, const std::string& def = "") const {
@@ -152,6 +155,10 @@ Args parse_args(int argc, char** argv) {
         std::string s = argv[i];
         if (s == "--json") {
             a.json = true;
+            continue;
+        }
+        if (s == "--weights-kv") {
+            a.weights_kv = true;
             continue;
         }
         if (s == "--progress" || s == "--no-progress") {
@@ -285,6 +292,9 @@ struct Loaded {
     std::optional<kvq::io::Gpt2BpeTokenizer> bpe;  // GGUF models
     std::string model_path, tok_path;
     bool add_bos = true;  // GGUF: tokenizer.ggml.add_bos_token
+    // KV smoothing (delta, s) learned jointly with the weights by kvq-calibrate (CRR/LWC "with
+    // KV"); when set, WKV methods use it instead of calibrating on --calib-text.
+    std::shared_ptr<const kvq::WkvParams> weights_kv;
 
     std::vector<int> encode(const std::string& text) const {
         if (tok) return tok->encode(text, /*bos=*/true, /*eos=*/false);
@@ -420,6 +430,11 @@ std::shared_ptr<const kvq::WkvParams> calibrate_wkv(const Loaded& L, const Args&
                                                     const Method& m, CalibSource& src) {
     using kvq::calib::CalibMode;
     const auto& c = L.model.config();
+    if (L.weights_kv) {
+        std::fprintf(stderr, "kvq-llama: %s uses the KV smoothing of the --weights file (--weights-kv)\n",
+                     m.spec.c_str());
+        return L.weights_kv;
+    }
     auto P = std::make_shared<kvq::WkvParams>(kvq::WkvParams::identity(c.n_layers, c.n_kv_heads, c.head_dim));
     const bool calibrates = (m.em.smooth_keys && m.em.key_calib != CalibMode::None) ||
                             (m.em.smooth_values && m.em.value_calib != CalibMode::None);
@@ -957,8 +972,15 @@ int main(int argc, char** argv) {
         const Args a = parse_args(argc, argv);
         const fs::path exe_dir = executable_dir(argv[0]);
         Loaded L = load(a, exe_dir);
-        if (a.has("weights")) {  // 4-bit block linears (kvq/io/w4_file.hpp; the file's KV params are not used here)
-            auto w4 = kvq::io::make_w4_weights(a.str("weights"), L.model.config(), L.model.weights());
+        if (a.has("weights")) {  // 4-bit block linears (kvq/io/w4_file.hpp), and with --weights-kv its KV smoothing
+            std::optional<kvq::WkvParams> file_kv;
+            auto w4 = kvq::io::make_w4_weights(a.str("weights"), L.model.config(), L.model.weights(), &file_kv);
+            if (a.weights_kv) {
+                if (!file_kv)
+                    throw UsageError("--weights-kv: '" + a.str("weights") +
+                                     "' holds no KV smoothing (calibrate with KV)");
+                L.weights_kv = std::make_shared<const kvq::WkvParams>(std::move(*file_kv));
+            }
             if (w4)
                 std::fprintf(stderr, "kvq-llama: weights %s, %.3f bits/weight\n", a.str("weights").c_str(),
                              w4->bits_per_weight());
