@@ -47,6 +47,9 @@ const char* const kUsage =
     "       kvq-calibrate eval --model PATH --text HELD_OUT --calib-text FILE [--files A,B] [--config NAME]\n"
     "options (calibrate): --objective crr|lwc-local (default crr)  --k N (5)  --alpha A (0)  --epochs N (20)\n"
     "  --segments N (8)  --seq T (128)  --group G (128, 0 = per-channel)  --kv-bits B (4)  --no-kv (weight-only)\n"
+    "  --epochs 0 writes the initialisation (RTN clipping, KV statistics). The KV smoothing is fitted to\n"
+    "  positions 0..T-1 (post-RoPE statistics depend on the position range): use --seq >= the context\n"
+    "  the model will run at, or the smoothing will not fit later positions.\n"
     "options (eval): --tokens N (512 held-out tokens)  --context N (256)  --json\n"
     "common: --tokenizer PATH (llama2.c models; default tok512.bin next to the model)\n";
 
@@ -185,7 +188,7 @@ int run_calibrate(const std::map<std::string, std::string>& o) {
         throw UsageError("--objective must be crr or lwc-local, got '" + obj + "'");
     opt.k = int(integer(o, "k", 5, 1, 4096));
     opt.alpha = real(o, "alpha", 0.0);
-    opt.epochs = int(integer(o, "epochs", 20, 1, 10000));
+    opt.epochs = int(integer(o, "epochs", 20, 0, 10000));  // 0: the statistics initialisation only
     opt.w_group = int(integer(o, "group", 128, 0, 65536));
     opt.kv_bits = int(integer(o, "kv-bits", 4, 2, 8));
     opt.quant_kv = !o.count("no-kv");
