@@ -456,7 +456,8 @@ inline std::vector<std::uint8_t> serialize(const KvCacheState& st, const Codec& 
 inline void keep_pages(KvStreamState& s, int heads, int pages, std::size_t block_bytes) {
     const std::size_t P = heads == 0 ? 0 : s.blocks.size() / block_bytes / heads;
     std::vector<std::uint8_t> kept(std::size_t(heads) * pages * block_bytes);
-    for (int h = 0; h < heads; ++h)
+    // pages == 0 leaves `kept` empty (data() may be null, which memcpy must not get even for 0 bytes).
+    for (int h = 0; pages > 0 && h < heads; ++h)
         std::memcpy(kept.data() + std::size_t(h) * pages * block_bytes, s.blocks.data() + h * P * block_bytes,
                     std::size_t(pages) * block_bytes);
     s.blocks = std::move(kept);
