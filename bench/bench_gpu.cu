@@ -1,6 +1,8 @@
 // GPU benchmark: QJL key scoring over paged blocks (kvq::cuda::launch_qjl_score) against its
 // memory floor and against cuBLAS fp16 q.K^T on the same tokens. Plain main() with CUDA events:
-//   kvq-bench-gpu [--runs N]
+//   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas]
+// Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores),
+// "exact" = exact_query = true (fp32 nibble tables), "exact+8o" = 8 outliers (always exact).
 // For each shape: median of N (default 50) warmed-up runs, each run on the next of several copies
 // of the inputs so that the working set exceeds the L2 cache (50 MB) where memory allows.
 // Bytes counted (the floor): codes + norms + outlier ids (whole blocks) + page table + query +
@@ -113,6 +115,7 @@ double copy_bandwidth_gbs(int runs) {
 }
 
 struct Row {
+    const char* path;
     int outliers, T;
     Timing qjl;
     double qjl_bytes;
@@ -215,38 +218,52 @@ int main(int argc, char** argv) {
                 std::shuffle(ids.begin(), ids.end(), rng);  // pages in shuffled order
                 KVQ_CUDA_CHECK(cudaMemcpy(c.pages, ids.data(), n_blocks * 4, cudaMemcpyHostToDevice));
             }
-            kvq::cuda::QjlScoreArgs a;
-            kvq::cuda::set_qjl_codec(a, codec, B);
-            a.sketch = d_sketch;
-            a.block_bytes = bb;
-            a.page_stride = pages_per_head;
-            a.n_kv_heads = H;
-            a.n_q_heads = H;
-            a.n_tokens = T;
-            a.query = d_q;
-            a.pool = cs[0].pool;
-            a.pages = cs[0].pages;
-            a.scores = cs[0].scores;
-            const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
-            void* ws;
-            KVQ_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
-            const Timing qjl_us = time_runs(runs, copies, [&](int c) {
-                a.pool = cs[c].pool;
-                a.pages = cs[c].pages;
-                a.scores = cs[c].scores;
-                kvq::cuda::launch_qjl_score(a, g_stream, ws, ws_bytes);
-            });
-            KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+            struct Variant {
+                const char* path;
+                bool exact;
+                Timing t;
+            };
+            std::vector<Variant> variants;
+            if (outliers == 0)
+                variants = {{"tc", false, {}}, {"exact", true, {}}};
+            else
+                variants = {{"exact+8o", true, {}}};
+            for (Variant& v : variants) {
+                kvq::cuda::QjlScoreArgs a;
+                kvq::cuda::set_qjl_codec(a, codec, B);
+                a.sketch = d_sketch;
+                a.block_bytes = bb;
+                a.page_stride = pages_per_head;
+                a.n_kv_heads = H;
+                a.n_q_heads = H;
+                a.n_tokens = T;
+                a.query = d_q;
+                a.pool = cs[0].pool;
+                a.pages = cs[0].pages;
+                a.scores = cs[0].scores;
+                a.exact_query = v.exact;
+                const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
+                void* ws;
+                KVQ_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+                v.t = time_runs(runs, copies, [&](int c) {
+                    a.pool = cs[c].pool;
+                    a.pages = cs[c].pages;
+                    a.scores = cs[c].scores;
+                    kvq::cuda::launch_qjl_score(a, g_stream, ws, ws_bytes);
+                });
+                KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                KVQ_CUDA_CHECK(cudaFree(ws));
+            }
             for (auto& c : cs) {
                 KVQ_CUDA_CHECK(cudaFree(c.pool));
                 KVQ_CUDA_CHECK(cudaFree(c.pages));
                 KVQ_CUDA_CHECK(cudaFree(c.scores));
             }
-            KVQ_CUDA_CHECK(cudaFree(ws));
 
             // cuBLAS fp16 baseline: scores_h [T] = K_h [T][d] q_h, fp16 inputs, fp32 accumulate and output.
             if (!blas_on) {
-                rows.push_back({outliers, T, qjl_us, qjl_bytes, Timing{0.f, 0.f}, 0.0});
+                for (const Variant& v : variants)
+                    rows.push_back({v.path, outliers, T, v.t, qjl_bytes, Timing{0.f, 0.f}, 0.0});
                 continue;
             }
             const std::size_t kbytes = std::size_t(H) * T * d * 2;
@@ -283,7 +300,8 @@ int main(int argc, char** argv) {
                 KVQ_CUDA_CHECK(cudaFree(S[c]));
             }
             KVQ_CUDA_CHECK(cudaFree(d_qh));
-            rows.push_back({outliers, T, qjl_us, qjl_bytes, blas_us, blas_bytes});
+            for (const Variant& v : variants)
+                rows.push_back({v.path, outliers, T, v.t, qjl_bytes, blas_us, blas_bytes});
             std::printf("done: outliers=%d T=%d (copies qjl %d, cublas %d)\n", outliers, T, copies, bcopies);
         }
         KVQ_CUDA_CHECK(cudaFree(d_sketch));
@@ -297,18 +315,54 @@ int main(int argc, char** argv) {
     std::printf(
         "QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
         "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
-        "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n\n");
+        "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n"
+        "path: tc = int8 bit-sliced query on tensor cores (default), exact = exact_query, exact+8o = 8 outliers.\n\n");
     std::printf(
-        "| outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | cuBLAS graph us "
-        "| cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
-    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        "| path | outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | "
+        "cuBLAS graph us | cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
+    std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for (const Row& r : rows) {
-        const double gbs = r.qjl_bytes / (r.qjl.graph_us * 1e-6) / 1e9,
-                     bgbs = r.blas_bytes / (r.blas.graph_us * 1e-6) / 1e9;
-        std::printf("| %d | %d | %.1f | %.1f | %.2f | %.0f | %.0f%% | %.1f | %.1f | %.1f | %.1f | %.0f | %.2fx |\n",
-                    r.outliers, r.T, r.qjl.median_us, r.qjl.graph_us, r.qjl_bytes / 1e6, gbs, 100.0 * gbs / copy_gbs,
-                    r.qjl_bytes / (copy_gbs * 1e9) * 1e6, r.blas.median_us, r.blas.graph_us, r.blas_bytes / 1e6, bgbs,
-                    r.blas.graph_us / r.qjl.graph_us);
+        const double gbs = r.qjl_bytes / (r.qjl.graph_us * 1e-6) / 1e9;
+        if (r.blas_bytes > 0) {
+            const double bgbs = r.blas_bytes / (r.blas.graph_us * 1e-6) / 1e9;
+            std::printf(
+                "| %s | %d | %d | %.1f | %.1f | %.2f | %.0f | %.0f%% | %.1f | %.1f | %.1f | %.1f | %.0f | %.2fx |\n",
+                r.path, r.outliers, r.T, r.qjl.median_us, r.qjl.graph_us, r.qjl_bytes / 1e6, gbs,
+                100.0 * gbs / copy_gbs, r.qjl_bytes / (copy_gbs * 1e9) * 1e6, r.blas.median_us, r.blas.graph_us,
+                r.blas_bytes / 1e6, bgbs, r.blas.graph_us / r.qjl.graph_us);
+        } else {
+            std::printf("| %s | %d | %d | %.1f | %.1f | %.2f | %.0f | %.0f%% | %.1f | - | - | - | - | - |\n", r.path,
+                        r.outliers, r.T, r.qjl.median_us, r.qjl.graph_us, r.qjl_bytes / 1e6, gbs,
+                        100.0 * gbs / copy_gbs, r.qjl_bytes / (copy_gbs * 1e9) * 1e6);
+        }
+    }
+    // Compact summary: graph us and % of copy bandwidth per path, one line per T.
+    std::printf("\ncompact (graph us / %% copy; copy %.0f GB/s):\n", copy_gbs);
+    std::printf("%8s %18s %18s %18s %14s\n", "T", "tc", "exact", "exact+8o", "cuBLAS fp16");
+    std::vector<int> Ts;
+    for (const Row& r : rows)
+        if (std::find(Ts.begin(), Ts.end(), r.T) == Ts.end()) Ts.push_back(r.T);
+    for (int T : Ts) {
+        std::printf("%8d", T);
+        double blas_us = 0;
+        for (const char* path : {"tc", "exact", "exact+8o"}) {
+            const Row* f = nullptr;
+            for (const Row& r : rows)
+                if (r.T == T && !std::strcmp(r.path, path)) f = &r;
+            if (!f) {
+                std::printf(" %18s", "-");
+                continue;
+            }
+            const double gbs = f->qjl_bytes / (f->qjl.graph_us * 1e-6) / 1e9;
+            char cell[64];
+            std::snprintf(cell, sizeof cell, "%.1f us / %.0f%%", f->qjl.graph_us, 100.0 * gbs / copy_gbs);
+            std::printf(" %18s", cell);
+            if (f->blas_bytes > 0) blas_us = f->blas.graph_us;
+        }
+        if (blas_us > 0)
+            std::printf(" %11.1f us\n", blas_us);
+        else
+            std::printf(" %14s\n", "-");
     }
     CUBLAS_CHECK(cublasDestroy(blas));
     KVQ_CUDA_CHECK(cudaFree(blas_ws));

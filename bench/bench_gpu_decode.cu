@@ -352,8 +352,10 @@ int main(int argc, char** argv) {
                 a.query = d_q;
                 a.out = d_out;
                 const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
-                const int n_chunks = kvq::cuda::detail::dec_chunks(a);
-                const double partial_bytes = 2.0 * batch * H * n_chunks * (d + 2) * 4.0;
+                a.max_window_tokens = 0;                                // every token is in blocks
+                const int n_chunks = kvq::cuda::detail::dec_chunks(a);  // the fp16 baseline's split
+                const int n_parts = kvq::cuda::detail::dec_plan(a).n_parts;
+                const double partial_bytes = 2.0 * batch * H * n_parts * (d + 2) * 4.0;
                 const double bytes =
                     double(n_blocks) * (kbb + vbb) + 2.0 * n_blocks * 4 + 2.0 * q.size() * 4 + partial_bytes;
                 const int copies = copies_for(std::size_t(bytes), n_blocks * (kbb + vbb + 8));
@@ -391,7 +393,27 @@ int main(int argc, char** argv) {
                     kvq::cuda::launch_decode_attention(a, g_stream, ws, ws_bytes);
                 });
                 KVQ_CUDA_CHECK(cudaDeviceSynchronize());
-                rows.push_back({name, batch, T, t, bytes});
+                rows.push_back(
+                    {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
+                if (kvq::cuda::detail::dec_plan(a).tc) {
+                    // The same call on the CUDA-core kernel, for comparison.
+                    kvq::cuda::DecodeAttentionArgs ac = a;
+                    ac.cuda_core_only = true;
+                    const std::size_t cws_bytes = kvq::cuda::decode_attention_workspace_bytes(ac);
+                    void* cws;
+                    KVQ_CUDA_CHECK(cudaMalloc(&cws, cws_bytes));
+                    const Timing ct = time_runs(runs, copies, [&](int c) {
+                        ac.key_pool = cs[c].kpool;
+                        ac.value_pool = cs[c].vpool;
+                        ac.key_pages = cs[c].kpages;
+                        ac.value_pages = cs[c].vpages;
+                        kvq::cuda::launch_decode_attention(ac, g_stream, cws, cws_bytes);
+                    });
+                    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                    rows.push_back({name + " [CUDA cores]", batch, T, ct,
+                                    bytes - partial_bytes + 2.0 * batch * H * n_chunks * (d + 2) * 4.0});
+                    KVQ_CUDA_CHECK(cudaFree(cws));
+                }
                 if (cfg == 0) {
                     // Reference point: the scores alone (qjl_score.cuh, fp32 scores written) on the same key pools.
                     kvq::cuda::QjlScoreArgs sa;
@@ -435,7 +457,8 @@ int main(int argc, char** argv) {
                 if (cfg == 0) {
                     // fp16 baseline on the same shape (same chunking and combine kernel).
                     const std::size_t kvbytes = std::size_t(batch) * H * T * d * 2;
-                    const double fbytes = 2.0 * kvbytes + 2.0 * q.size() * 4 + partial_bytes;
+                    const double fbytes =
+                        2.0 * kvbytes + 2.0 * q.size() * 4 + 2.0 * batch * H * n_chunks * (d + 2) * 4.0;
                     const int fcopies = copies_for(std::size_t(fbytes), 2 * kvbytes);
                     std::vector<__half*> K(fcopies), V(fcopies);
                     for (int c = 0; c < fcopies; ++c) {
@@ -456,7 +479,7 @@ int main(int argc, char** argv) {
                             K[c], V[c], d_q, T, chunk, n_chunks, ml, pacc);
                         KVQ_CUDA_CHECK_LAUNCH("fp16_decode_partial");
                         kvq::cuda::detail::decode_combine_kernel<<<dim3(H, batch), d, 0, g_stream>>>(a, chunk, n_chunks,
-                                                                                                     ml, pacc);
+                                                                                                     0, ml, pacc);
                         KVQ_CUDA_CHECK_LAUNCH("decode_combine_kernel");
                     });
                     KVQ_CUDA_CHECK(cudaDeviceSynchronize());

@@ -1,12 +1,14 @@
 // GPU fused decode attention against the CPU cache: a batch of kvq::KvCache sequences built with
 // the real codecs (QJL keys without outliers or token-wise int keys, token-wise int values, fp32
 // windows), their block bytes uploaded into one device pool per stream kind in shuffled page order,
-// kvq::cuda::launch_decode_attention compared with kvq::attend (and, for int keys, with a float64
-// attention over the decoded keys and values).
+// kvq::cuda::launch_decode_attention compared with kvq::attend and a float64 attention over the
+// decoded keys and values (int keys), or (QJL keys, scored with the int8 bit-sliced query on every
+// GPU path) a float64 attention with the quantized-query estimator, after checking the quantization.
 //
 // Tolerance: |gpu - ref| <= 5e-4 * (1 + |ref|) per output element. Both sides compute the same
-// scores from the same bytes in fp32 (different summation order, fp32 softmax), so the expected
-// error is a few 1e-6; the bound leaves room for exp() of scores of magnitude ~10.
+// scores from the same bytes (GPU: fp32, or exact integer popcounts for QJL; fp32 online softmax with
+// ex2.approx; value weights as fp16 hi + lo, 2^-22 relative), so the expected error is ~1e-6; the
+// bound leaves room for exp() of scores of magnitude ~10.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -67,7 +69,10 @@ struct DecCase {
     bool cur = true;
     int chunk = 0;
     bool graph = false;
-    bool wkv = false;  // WKVQuant smoothing: k_scale folded into q, output un-smoothed (v_scale, v_shift)
+    bool wkv = false;     // WKVQuant smoothing: k_scale folded into q, output un-smoothed (v_scale, v_shift)
+    float qscale = 0.4f;  // query entries ~ N(0, qscale^2): larger = sharper attention
+    float vscale = 1.f;   // value entries ~ N(0, vscale^2): small values test the weight scaling
+    int expect_tc = -1;   // 1 / 0: assert that the tensor-core path is / is not taken
 };
 
 std::string describe(const DecCase& c) {
@@ -77,7 +82,8 @@ std::string describe(const DecCase& c) {
         " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
         " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
         " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
-        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " lens=";
+        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " q*" + std::to_string(c.qscale) + " v*" +
+        std::to_string(c.vscale) + " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -115,7 +121,7 @@ void run_case(const DecCase& c) {
 
     std::vector<std::unique_ptr<kvq::KvCache>> caches;
     std::vector<float> q(std::size_t(batch) * Hq * d), ck(std::size_t(batch) * H * d), cv(ck.size());
-    for (auto& v : q) v = 0.4f * nd(rng);
+    for (auto& v : q) v = c.qscale * nd(rng);
     // WKV: the cache holds smoothed vectors; the reference folds q' = q (.) s_K on the host and
     // un-smooths the output, as kvq::WkvKvCache::decode_step does; the GPU gets the raw q.
     std::vector<float> ksc(std::size_t(H) * d, 1.f), vsc(ksc.size(), 1.f), vsh(ksc.size(), 0.f);
@@ -132,14 +138,14 @@ void run_case(const DecCase& c) {
             qref[i] = q[i] * ksc[(hq / c.group) * d + ch];
         }
     for (auto& v : ck) v = nd(rng);
-    for (auto& v : cv) v = nd(rng);
+    for (auto& v : cv) v = c.vscale * nd(rng);
     for (int b = 0; b < batch; ++b) {
         caches.push_back(std::make_unique<kvq::KvCache>(cfg, kc, vc));
         const int T = c.lens[b];
         std::vector<float> k(std::size_t(T) * H * d), v(k.size());
         for (std::size_t i = 0; i < k.size(); ++i) {
             k[i] = ((i % d) % 29 == 3 ? 4.f : 1.f) * nd(rng);
-            v[i] = nd(rng);
+            v[i] = c.vscale * nd(rng);
         }
         // Appended in a few pieces, as a decode loop would.
         int done = 0;
@@ -336,6 +342,108 @@ void run_case(const DecCase& c) {
     }
     KVQ_CUDA_CHECK(cudaStreamDestroy(stream));
     const std::vector<float> got = d_out.download();
+    const bool tc = kvq::cuda::detail::dec_plan(a).tc;
+    if (c.expect_tc >= 0) EXPECT_EQ(tc, c.expect_tc == 1) << "tensor-core path taken: " << tc;
+
+    if (c.qjl) {
+        // The GPU scores QJL keys with the int8 bit-sliced query (kvq/cuda/qjl_query.cuh), the CPU
+        // decode path's preparation (QjlKeyCodec::prepare_fast). First the quantization, read back from
+        // the workspace: the projection S q within the fp32 dot-product bound of float64, and s, u_j,
+        // usum exactly cpu::quantize_i8_scalar of that projection. Then a float64 attention whose
+        // block-key scores are sqrt(pi/2)/m * s * ||k|| * (2 sum_j b_j u_j - usum).
+        const auto wl = kvq::cuda::detail::dec_workspace_layout(a);
+        std::vector<std::uint8_t> wsh(ws_bytes);
+        KVQ_CUDA_CHECK(cudaMemcpy(wsh.data(), wsb.p, ws_bytes, cudaMemcpyDeviceToHost));
+        const kvq::cuda::QjlQueryLayout QL = kvq::cuda::QjlQueryLayout::of(c.m);
+        const float* proj = reinterpret_cast<const float*>(wsh.data() + wl.proj);
+        const std::uint32_t* rec0 = reinterpret_cast<const std::uint32_t*>(wsh.data() + wl.qrec);
+        const std::vector<float>& S = qjl->sketch();
+        const int m = c.m;
+        std::vector<std::vector<int>> qu(std::size_t(batch) * Hq, std::vector<int>(m));
+        std::vector<double> qs(std::size_t(batch) * Hq);
+        std::vector<long long> qsum(qs.size());
+        int u_mismatch = 0;
+        for (std::size_t gh = 0; gh < qs.size(); ++gh) {
+            const float* qh = &q[gh * d];
+            for (int j = 0; j < m; ++j) {
+                double p64 = 0, pabs = 0;
+                for (int ch = 0; ch < d; ++ch) {
+                    p64 += double(S[std::size_t(j) * d + ch]) * qh[ch];
+                    pabs += std::abs(double(S[std::size_t(j) * d + ch]) * qh[ch]);
+                }
+                const double bound = 1.01 * d * std::ldexp(1.0, -24) * pabs + 1e-30;
+                if (!(std::abs(proj[gh * m + j] - p64) <= bound) && ++u_mismatch <= 3)
+                    ADD_FAILURE() << "projection " << gh << "," << j << ": " << proj[gh * m + j] << " vs " << p64;
+            }
+            std::vector<std::int8_t> u(std::size_t((m + 63) / 64) * 64);
+            std::int32_t usum = 0;
+            const float sc = kvq::cpu::quantize_i8_scalar(proj + gh * m, m, u.data(), &usum);
+            const std::uint32_t* rec = rec0 + gh * QL.record_words();
+            float rs;
+            std::memcpy(&rs, rec + 8 * QL.words, 4);
+            EXPECT_EQ(rs, sc) << "head " << gh;
+            EXPECT_EQ(static_cast<std::int32_t>(rec[8 * QL.words + 1]), usum) << "head " << gh;
+            for (int j = 0; j < m; ++j) {
+                unsigned byte = 0;
+                for (int n = 0; n < 8; ++n) byte |= ((rec[std::size_t(n) * QL.words + j / 32] >> (j % 32)) & 1u) << n;
+                const int uj = static_cast<std::int8_t>(byte);
+                if (uj != u[j] && ++u_mismatch <= 3)
+                    ADD_FAILURE() << "u " << gh << "," << j << ": " << uj << " vs " << int(u[j]);
+                qu[gh][j] = uj;
+            }
+            for (int j = m; j < QL.words * 32; ++j)
+                for (int n = 0; n < 8; ++n)
+                    if ((rec[std::size_t(n) * QL.words + j / 32] >> (j % 32)) & 1u) ++u_mismatch;
+            qs[gh] = sc;
+            qsum[gh] = usum;
+        }
+        EXPECT_EQ(u_mismatch, 0);
+        const kvq::BlockLayout ql = qjl->layout(B);
+        for (int b = 0; b < batch; ++b) {
+            const int T = c.lens[b], total = T + (c.cur ? 1 : 0);
+            if (total == 0) continue;
+            for (int hq = 0; hq < Hq; ++hq) {
+                const int h = hq / c.group;
+                const std::size_t gh = std::size_t(b) * Hq + hq;
+                const kvq::StreamView ks = caches[b]->keys(0, h), vs = caches[b]->values(0, h);
+                std::vector<double> sc(total), acc(d, 0.0);
+                std::vector<float> vrow(d);
+                double mx = -1e300;
+                for (int p = 0; p < total; ++p) {
+                    double dd = 0;
+                    if (p < ks.encoded) {
+                        const std::uint8_t* blk = ks.pool->data(ks.pages[p / B]);
+                        const std::uint8_t* code = blk + ql.codes_offset() + std::size_t(p % B) * ql.code_bytes;
+                        long long Tb = 0;
+                        for (int j = 0; j < m; ++j) Tb += ((code[j / 8] >> (j % 8)) & 1) * qu[gh][j];
+                        kvq::half_t nh;
+                        std::memcpy(&nh, blk + ql.token_side_offset() + std::size_t(p % B) * 2, 2);
+                        dd = std::sqrt(std::acos(-1.0) / 2) / m * qs[gh] * kvq::half_to_float(nh) *
+                             double(2 * Tb - qsum[gh]);
+                    } else {
+                        const float* row = p < T ? ks.window + std::size_t(p - ks.encoded) * ks.window_stride
+                                                 : &ck[(std::size_t(b) * H + h) * d];
+                        for (int ch = 0; ch < d; ++ch) dd += double(q[gh * d + ch]) * row[ch];
+                    }
+                    sc[p] = dd / std::sqrt(double(d));
+                    mx = std::max(mx, sc[p]);
+                }
+                double sum = 0;
+                for (int p = 0; p < total; ++p) {
+                    const double e = std::exp(sc[p] - mx);
+                    sum += e;
+                    if (p < vs.encoded)
+                        vc->decode(vs.pool->data(vs.pages[p / B]), B, p % B, 1, vrow.data());
+                    else if (p < T)
+                        std::copy_n(vs.window + std::size_t(p - vs.encoded) * vs.window_stride, d, vrow.begin());
+                    else
+                        std::copy_n(&cv[(std::size_t(b) * H + h) * d], d, vrow.begin());
+                    for (int ch = 0; ch < d; ++ch) acc[ch] += e * vrow[ch];
+                }
+                for (int ch = 0; ch < d; ++ch) ref64[gh * d + ch] = acc[ch] / sum;
+            }
+        }
+    }
 
     int bad = 0;
     double worst = 0, worst64 = 0;
@@ -344,12 +452,12 @@ void run_case(const DecCase& c) {
         for (int hq = 0; hq < Hq; ++hq)
             for (int ch = 0; ch < d; ++ch) {
                 const std::size_t i = (std::size_t(b) * Hq + hq) * d + ch;
-                const double r = empty ? 0.0 : ref[i];
+                const double r = empty ? 0.0 : (c.qjl ? ref64[i] : ref[i]);
                 const double err = std::abs(double(got[i]) - r);
                 worst = std::max(worst, err);
                 if (!(err <= 5e-4 * (1 + std::abs(r))) && ++bad <= 5)
-                    ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i] << " cpu "
-                                  << r;
+                    ADD_FAILURE() << "seq " << b << " head " << hq << " ch " << ch << ": gpu " << got[i]
+                                  << (c.qjl ? " f64 (int8 query) " : " cpu ") << r;
                 if (!c.qjl && !empty) {
                     const double e64 = std::abs(double(got[i]) - ref64[i]);
                     worst64 = std::max(worst64, e64);
@@ -360,7 +468,8 @@ void run_case(const DecCase& c) {
             }
     }
     EXPECT_EQ(bad, 0);
-    std::printf("[decode] %s worst |gpu-cpu| %.3g, |gpu-f64| %.3g\n", describe(c).c_str(), worst, worst64);
+    std::printf("[decode] %s %s worst |gpu-ref| %.3g, |gpu-f64| %.3g\n", tc ? "tc" : "cuda-core", describe(c).c_str(),
+                worst, worst64);
 }
 
 DecCase qjl_case(int d, int m, int vbits, int group, std::vector<int> lens) {
@@ -395,6 +504,43 @@ TEST(DecodeAttentionGpu, QjlKeysMatchCpu) {
     c.kwin = 17;
     c.vwin = 1;
     run_case(c);
+}
+
+// The tensor-core kernel (decode_attention_tc.cuh): every head dim, value bit width and group size
+// it takes, GQA 1/2/4, blocks 16..256, m not a multiple of 256, several chunks and warps per chunk
+// (chunk 256 = one tile per warp), tails with windows and the current token, sharp attention and
+// tiny values (the per-column power-of-two weight scaling), and a shape it must refuse.
+TEST(DecodeAttentionGpu, TensorCorePathShapes) {
+    struct S {
+        int d, m, vbits, vgroup, group, B, chunk;
+    };
+    const S shapes[] = {{128, 256, 2, 32, 1, 64, 256}, {128, 256, 2, 32, 1, 64, 0},   {64, 128, 4, 16, 1, 16, 512},
+                        {64, 256, 2, 32, 2, 32, 0},    {256, 512, 8, 64, 1, 128, 0},  {256, 256, 2, 128, 2, 256, 256},
+                        {128, 192, 4, 128, 4, 32, 0},  {128, 320, 8, 32, 1, 16, 256}, {128, 1024, 2, 64, 2, 64, 0},
+                        {64, 64, 8, 64, 4, 64, 256}};
+    for (const S& sh : shapes) {
+        DecCase c = qjl_case(sh.d, sh.m, sh.vbits, sh.group, {4999, 1, 2048});
+        c.vgroup = sh.vgroup;
+        c.B = sh.B;
+        c.chunk = sh.chunk;
+        c.expect_tc = 1;
+        run_case(c);
+    }
+    DecCase sharp = qjl_case(128, 256, 2, 1, {3000, 77, 640});
+    sharp.qscale = 3.0f;
+    sharp.expect_tc = 1;
+    run_case(sharp);
+    DecCase tiny = qjl_case(128, 256, 4, 2, {3000, 77, 640});
+    tiny.vgroup = 64;
+    tiny.vscale = 1e-3f;
+    tiny.kwin = 0;
+    tiny.vwin = 0;
+    tiny.cur = false;
+    tiny.expect_tc = 1;
+    run_case(tiny);
+    DecCase wide = qjl_case(128, 256, 2, 4, {300, 2, 9});  // G x groups = 16 > 4: CUDA-core kernel
+    wide.expect_tc = 0;
+    run_case(wide);
 }
 
 TEST(DecodeAttentionGpu, IntKeysMatchCpuAndFloat64) {

@@ -1,6 +1,10 @@
 // GPU QJL scoring against the CPU codec: keys encoded on the CPU by kvq::QjlKeyCodec into paged
 // blocks, the block bytes copied to the GPU in a shuffled page order, scored by
-// kvq::cuda::launch_qjl_score and compared with QjlKeyCodec::score() per token.
+// kvq::cuda::launch_qjl_score and compared with QjlKeyCodec::score() per token (exact_query = true,
+// and the fallback of small blocks), or, for the default tensor-core path (int8 bit-sliced query),
+// checked step by step: the query record in the workspace against cpu::quantize_i8_scalar, the
+// scores against a float64 evaluation of the record, and against the exact float64 estimator within
+// the quantization bound.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -20,6 +24,7 @@
 #pragma nv_diag_suppress 20014
 #pragma nv_diag_suppress 20015
 #endif
+#include "kvq/cpu/kernels.hpp"
 #include "kvq/quant/qjl_key_codec.hpp"
 
 namespace {
@@ -57,7 +62,7 @@ std::string describe(const Case& c) {
 }
 
 // Runs one case: CPU encode into shuffled pages, GPU score, per-score comparison with the CPU codec.
-void run_case(const Case& c, bool use_graph = false) {
+void run_case(const Case& c, bool use_graph = false, bool exact_query = true) {
     SCOPED_TRACE(describe(c));
     const int H_kv = 2, H_q = H_kv * c.group, d = c.d, T = c.tokens, B = c.block_tokens;
     kvq::QjlParams p;
@@ -156,6 +161,8 @@ void run_case(const Case& c, bool use_graph = false) {
     a.query_type = c.fp16_query ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
     a.scores = d_scores.p;
     a.score_stride = score_stride;
+    a.exact_query = exact_query;  // compared with the exact CPU score below
+    ASSERT_FALSE(kvq::cuda::qjl_score_uses_tensor_path(a)) << "run_case checks the exact path only";
     const auto ok = kvq::cuda::can_implement(a);
     ASSERT_TRUE(ok.ok) << ok.message;
     const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
@@ -242,6 +249,283 @@ TEST(QjlScoreGpu, Fp16Query) {
 TEST(QjlScoreGpu, CapturesInAGraph) {
     run_case({128, 256, 0, 1, 200, 64}, true);
     run_case({128, 256, 8, 4, 200, 64}, true);
+}
+
+// ---- Default path: int8 bit-sliced query on tensor cores -------------------------------------
+
+struct TcCase {
+    int d, m, group, tokens, block_tokens;
+    int kv_heads = 2;
+    bool fp16_query = false;
+    bool zero_head = false;  // last query head all zeros (s = 0, u = 0, scores 0)
+};
+
+std::string describe(const TcCase& c) {
+    return "tc d=" + std::to_string(c.d) + " m=" + std::to_string(c.m) + " G=" + std::to_string(c.group) +
+           " T=" + std::to_string(c.tokens) + " B=" + std::to_string(c.block_tokens) +
+           " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "");
+}
+
+constexpr double kU = 1.0 / 16777216.0;  // 2^-24, fp32 unit roundoff
+
+// Runs one case of the tensor path and checks (a) the query record, (b) the scores against a float64
+// evaluation of that record, (c) the scores against the exact float64 estimator (see the top).
+void run_tc_case(const TcCase& c, bool use_graph = false) {
+    SCOPED_TRACE(describe(c));
+    const int H_kv = c.kv_heads, H_q = H_kv * c.group, d = c.d, m = c.m, T = c.tokens, B = c.block_tokens;
+    kvq::QjlParams p;
+    p.head_dim = d;
+    p.m = m;
+    p.outliers = 0;
+    p.seed = 77 + d * 3 + m;
+    const kvq::QjlKeyCodec codec(p);
+    const kvq::BlockLayout layout = codec.layout(B);
+    const std::size_t block_bytes = layout.bytes();
+    const int pages_per_head = (T + B - 1) / B;
+    const int n_blocks = pages_per_head * H_kv + 3;
+
+    std::mt19937 rng(555 + T * 3 + d + m * 7 + c.group * 11 + B);
+    std::normal_distribution<float> nd(0.f, 1.f);
+    std::vector<float> keys(std::size_t(H_kv) * std::max(T, 1) * d);
+    for (std::size_t i = 0; i < keys.size(); ++i) keys[i] = ((i % d) % 29 == 3 ? 8.f : 1.f) * nd(rng);
+
+    std::vector<std::uint8_t> pool(std::size_t(n_blocks) * block_bytes);
+    for (auto& b : pool) b = static_cast<std::uint8_t>(rng());  // garbage wherever encode does not write
+    std::vector<std::uint32_t> ids(n_blocks);
+    std::iota(ids.begin(), ids.end(), 0u);
+    std::shuffle(ids.begin(), ids.end(), rng);
+    const std::int64_t page_stride = pages_per_head + 2;
+    std::vector<std::uint32_t> pages(std::size_t(H_kv) * page_stride, 0xFFFFFFFFu);
+    for (int h = 0; h < H_kv; ++h)
+        for (int i = 0; i < pages_per_head; ++i) {
+            const std::uint32_t id = ids[h * pages_per_head + i];
+            pages[h * page_stride + i] = id;
+            const int first = i * B, n = std::min(B, T - first);  // the last block is partly filled
+            codec.encode(&keys[(std::size_t(h) * T + first) * d], n, &pool[std::size_t(id) * block_bytes], B, 0);
+        }
+
+    std::vector<float> q(std::size_t(H_q) * d);
+    for (auto& v : q) v = nd(rng);
+    if (c.zero_head)
+        for (int ch = 0; ch < d; ++ch) q[std::size_t(H_q - 1) * d + ch] = 0.f;
+    std::vector<std::uint16_t> q16(q.size());
+    if (c.fp16_query)
+        for (std::size_t i = 0; i < q.size(); ++i) {
+            q16[i] = kvq::float_to_half(q[i]).bits;
+            q[i] = kvq::half_to_float(kvq::half_t{q16[i]});
+        }
+
+    const std::int64_t score_stride = T + 3;
+    DeviceBuffer<float> d_sketch(codec.sketch().size());
+    d_sketch.upload(codec.sketch());
+    DeviceBuffer<std::uint8_t> d_pool(pool.size());
+    d_pool.upload(pool);
+    DeviceBuffer<std::uint32_t> d_pages(pages.size());
+    d_pages.upload(pages);
+    DeviceBuffer<float> d_q(q.size());
+    DeviceBuffer<std::uint16_t> d_q16(q16.size());
+    if (c.fp16_query)
+        d_q16.upload(q16);
+    else
+        d_q.upload(q);
+    DeviceBuffer<float> d_scores(std::size_t(H_q) * score_stride);
+    KVQ_CUDA_CHECK(cudaMemset(d_scores.p, 0xFF, d_scores.n * sizeof(float)));  // poison: NaN
+
+    kvq::cuda::QjlScoreArgs a;
+    kvq::cuda::set_qjl_codec(a, codec, B);
+    a.sketch = d_sketch.p;
+    a.pool = d_pool.p;
+    a.block_bytes = block_bytes;
+    a.pages = d_pages.p;
+    a.page_stride = page_stride;
+    a.n_kv_heads = H_kv;
+    a.n_q_heads = H_q;
+    a.n_tokens = T;
+    a.query = c.fp16_query ? static_cast<const void*>(d_q16.p) : static_cast<const void*>(d_q.p);
+    a.query_type = c.fp16_query ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
+    a.scores = d_scores.p;
+    a.score_stride = score_stride;
+    ASSERT_FALSE(a.exact_query);  // the default
+    ASSERT_TRUE(kvq::cuda::qjl_score_uses_tensor_path(a));
+    const auto ok = kvq::cuda::can_implement(a);
+    ASSERT_TRUE(ok.ok) << ok.message;
+    const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
+    // Record offset (documented in qjl_score.cuh, QjlWorkspace): after S q and q.
+    const auto wl = kvq::cuda::detail::qjl_workspace_layout(a);
+    const auto al = [](std::size_t n) { return (n + 255) / 256 * 256; };
+    const std::size_t rec_off = al(std::size_t(H_q) * m * 4) + al(std::size_t(H_q) * d * 4);
+    ASSERT_EQ(wl.rec, rec_off);
+    const kvq::cuda::QjlQueryLayout QL = kvq::cuda::QjlQueryLayout::of(m);
+    ASSERT_GE(ws_bytes, rec_off + H_q * QL.record_bytes());
+    DeviceBuffer<std::uint8_t> ws(ws_bytes);
+    KVQ_CUDA_CHECK(cudaMemset(ws.p, 0xFF, ws_bytes));
+
+    cudaStream_t stream;
+    KVQ_CUDA_CHECK(cudaStreamCreate(&stream));
+    if (use_graph) {
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        KVQ_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        kvq::cuda::launch_qjl_score(a, stream, ws.p, ws_bytes);
+        KVQ_CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+        KVQ_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(exec, stream));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(exec, stream));  // replayed twice: same result
+        KVQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+        KVQ_CUDA_CHECK(cudaGraphExecDestroy(exec));
+        KVQ_CUDA_CHECK(cudaGraphDestroy(graph));
+    } else {
+        kvq::cuda::launch_qjl_score(a, stream, ws.p, ws_bytes);
+        KVQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+    }
+    KVQ_CUDA_CHECK(cudaStreamDestroy(stream));
+    const std::vector<float> got = d_scores.download();
+    const std::vector<std::uint8_t> wsh = ws.download();
+
+    const std::vector<float>& S = codec.sketch();
+    const double c64 = std::sqrt(1.57079632679489661923) / m;
+    const float c_in = static_cast<float>(std::sqrt(1.57079632679489661923) / m);  // as QjlKeyCodec::score
+    int bad = 0;
+    auto fail = [&](const std::string& what) {
+        if (++bad <= 8) ADD_FAILURE() << what;
+    };
+    double worst_b = 0, worst_c = 0;  // error / tolerance
+    for (int h = 0; h < H_q; ++h) {
+        const int kv = h / c.group;
+        // (a) projection (workspace offset 0, [H_q][m] fp32) against float64 S q:
+        //     |p32 - p64| <= (d/32 + 6) 2^-24 sum_c |S_jc q_c| (d/32 fmaf per lane + a 5-level tree).
+        std::vector<float> proj(m);
+        std::memcpy(proj.data(), wsh.data() + std::size_t(h) * m * 4, std::size_t(m) * 4);
+        std::vector<double> p64(m);
+        double proj_err_sum = 0;
+        for (int j = 0; j < m; ++j) {
+            double acc = 0, mag = 0;
+            for (int ch = 0; ch < d; ++ch) {
+                const double t = double(S[std::size_t(j) * d + ch]) * q[std::size_t(h) * d + ch];
+                acc += t;
+                mag += std::abs(t);
+            }
+            p64[j] = acc;
+            const double err = std::abs(double(proj[j]) - acc);
+            proj_err_sum += err;
+            if (!(err <= (d / 32 + 6) * kU * mag))
+                fail("head " + std::to_string(h) + " proj " + std::to_string(j) + ": gpu " + std::to_string(proj[j]) +
+                     " f64 " + std::to_string(acc));
+        }
+        // (a) the record: rebuild u from the planes; s and u exactly as cpu::quantize_i8_scalar(proj).
+        const std::uint8_t* rb = wsh.data() + rec_off + std::size_t(h) * QL.record_bytes();
+        std::vector<std::uint32_t> rw(QL.record_words());
+        std::memcpy(rw.data(), rb, QL.record_bytes());
+        std::vector<std::int8_t> u_cpu(1024 + 64);
+        std::int32_t usum_cpu = 0;
+        const float s_cpu = kvq::cpu::quantize_i8_scalar(proj.data(), m, u_cpu.data(), &usum_cpu);
+        float s_gpu;
+        std::memcpy(&s_gpu, &rw[8 * QL.words], 4);
+        const std::int32_t usum_gpu = static_cast<std::int32_t>(rw[8 * QL.words + 1]);
+        EXPECT_EQ(std::memcmp(&s_gpu, &s_cpu, 4), 0) << "head " << h << " s gpu " << s_gpu << " cpu " << s_cpu;
+        EXPECT_EQ(usum_gpu, usum_cpu) << "head " << h;
+        std::vector<int> u(QL.words * 32);
+        for (int j = 0; j < QL.words * 32; ++j) {
+            unsigned byte = 0;
+            for (int n = 0; n < 8; ++n) byte |= ((rw[std::size_t(n) * QL.words + j / 32] >> (j % 32)) & 1u) << n;
+            u[j] = static_cast<std::int8_t>(byte);
+            if (j >= m && byte != 0)
+                fail("head " + std::to_string(h) + ": plane bit set beyond m at " + std::to_string(j));
+            if (j < m && u[j] != u_cpu[j])
+                fail("head " + std::to_string(h) + " u[" + std::to_string(j) + "] gpu " + std::to_string(u[j]) +
+                     " cpu " + std::to_string(u_cpu[j]));
+        }
+        if (c.zero_head && h == H_q - 1) EXPECT_EQ(s_gpu, 0.f);
+        const double s = s_gpu;
+        const float cs = c_in * s_gpu;
+        for (int t = 0; t < T; ++t) {
+            const std::uint32_t id = pages[kv * page_stride + t / B];
+            const std::uint8_t* blk = &pool[std::size_t(id) * block_bytes];
+            const std::uint8_t* code = blk + layout.codes_offset() + std::size_t(t % B) * layout.code_bytes;
+            std::uint16_t nb;
+            std::memcpy(&nb, blk + layout.token_side_offset() + std::size_t(t % B) * 2, 2);
+            const float nrm = kvq::half_to_float(kvq::half_t{nb});
+            std::int64_t Tq = 0;
+            double sum_exact = 0;
+            for (int j = 0; j < m; ++j) {
+                const bool bit = (code[j / 8] >> (j % 8)) & 1;
+                if (bit) Tq += u[j];
+                sum_exact += bit ? p64[j] : -p64[j];
+            }
+            const float g = got[std::size_t(h) * score_stride + t];
+            const std::string where = "head " + std::to_string(h) + " token " + std::to_string(t);
+            if (!std::isfinite(g)) {
+                fail(where + ": not finite (unwritten?)");
+                continue;
+            }
+            // (b) float64 of the record's formula. GPU: ((c_in * s) * ||k||) * float(2T - usum), four fp32
+            //     roundings (c_in, cs, cs * norm, the last product; 2T - usum is exact): |err| <= 5 * 2^-24 |ref|.
+            const double ref_b = c64 * s * double(nrm) * double(2 * Tq - usum_gpu);
+            const double tol_b = 5 * kU * std::abs(ref_b);
+            const double err_b = std::abs(double(g) - ref_b);
+            worst_b = std::max(worst_b, tol_b > 0 ? err_b / tol_b : (err_b > 0 ? 1e30 : 0.0));
+            if (!(err_b <= tol_b)) fail(where + ": gpu " + std::to_string(g) + " record f64 " + std::to_string(ref_b));
+            // Same float operations as QjlKeyCodec::score's bit-sliced path: bitwise equal.
+            const float host = (cs * nrm) * static_cast<float>(2 * Tq - usum_gpu);
+            if (std::memcmp(&host, &g, 4) != 0)
+                fail(where + ": gpu " + std::to_string(g) + " != host float formula " + std::to_string(host));
+            // (c) exact float64 estimator sqrt(pi/2)/m ||k|| sum_j sign_j (S q)_j. Quantization bound
+            //     sqrt(pi/2)/m ||k|| m s / 2, widened by the division's rounding in u (127 m s 2^-24),
+            //     the measured fp32 projection error sum_j |p32 - p64|, and 5 * 2^-24 |gpu|.
+            const double ref_c = c64 * double(nrm) * sum_exact;
+            const double tol_c = c64 * double(nrm) * (m * s / 2 + 127.0 * m * s * kU + proj_err_sum) +
+                                 5 * kU * std::abs(double(g)) + 1e-30;
+            const double err_c = std::abs(double(g) - ref_c);
+            worst_c = std::max(worst_c, err_c / tol_c);
+            if (!(err_c <= tol_c))
+                fail(where + ": gpu " + std::to_string(g) + " exact f64 " + std::to_string(ref_c) + " tol " +
+                     std::to_string(tol_c));
+        }
+        for (std::int64_t t = T; t < score_stride; ++t) {
+            std::uint32_t bits;
+            std::memcpy(&bits, &got[std::size_t(h) * score_stride + t], 4);
+            EXPECT_EQ(bits, 0xFFFFFFFFu) << "head " << h << " wrote past n_tokens at " << t;
+        }
+    }
+    EXPECT_EQ(bad, 0) << bad << " failures; worst err/tol: record " << worst_b << ", exact " << worst_c;
+}
+
+TEST(QjlScoreGpu, TensorPathRandomShapes) {
+    std::mt19937 rng(2026);
+    const int ds[] = {64, 128, 256}, ms[] = {128, 256, 512}, gs[] = {1, 2, 4}, bs[] = {16, 32, 64, 128};
+    for (int i = 0; i < 24; ++i) {
+        TcCase c{ds[rng() % 3], ms[rng() % 3], gs[rng() % 3], 0, bs[rng() % 4]};
+        c.tokens = 1 + 2 * static_cast<int>(rng() % 1500);  // odd counts, partial last blocks and steps
+        c.kv_heads = 1 + static_cast<int>(rng() % 3);
+        run_tc_case(c);
+    }
+}
+
+TEST(QjlScoreGpu, TensorPathOddShapes) {
+    run_tc_case({128, 96, 2, 513, 32});                   // m = 96: 12-byte codes, words past m/32 never loaded
+    run_tc_case({64, 160, 4, 301, 16});                   // m = 160: 20-byte codes
+    run_tc_case({128, 320, 1, 777, 64});                  // two 256-bit steps, the second partly used
+    run_tc_case({128, 64, 1, 99, 16});                    // m = 64
+    run_tc_case({128, 256, 8, 1001, 64});                 // G = 8, fragments in registers
+    run_tc_case({128, 256, 3, 555, 32});                  // G = 3: fragments read from the records
+    run_tc_case({256, 1024, 8, 300, 128});                // m = 1024, G = 8: record path
+    run_tc_case({128, 768, 4, 257, 256});                 // three K steps, B = 256
+    run_tc_case({128, 256, 1, 15, 16});                   // fewer tokens than one step
+    run_tc_case({128, 256, 2, 1, 64});                    // one token
+    run_tc_case({128, 256, 2, 0, 64});                    // no tokens: records only
+    run_tc_case({128, 256, 4, 4099, 64, 3, true});        // fp16 query
+    run_tc_case({128, 256, 2, 200, 64, 2, false, true});  // a zero query head
+}
+
+TEST(QjlScoreGpu, TensorPathCapturesInAGraph) {
+    run_tc_case({128, 256, 1, 2000, 64}, true);
+    run_tc_case({128, 96, 3, 333, 16}, true);
+}
+
+TEST(QjlScoreGpu, SmallBlocksFallBackToExact) {
+    // exact_query = false, but blocks of 8 tokens cannot form a 16-token BMMA step: exact kernel.
+    run_case({128, 256, 0, 2, 301, 8}, false, false);
+    run_case({64, 128, 0, 1, 77, 8}, false, false);
 }
 
 TEST(QjlScoreGpu, RejectsBadArguments) {

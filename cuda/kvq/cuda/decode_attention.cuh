@@ -28,6 +28,7 @@
 //     M = max m_i, out = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -93,6 +94,10 @@ struct DecodeAttentionArgs {
     const float* v_shift = nullptr;
 
     int chunk_tokens = 0;  // split-K chunk (multiple of 256); 0 -> chosen from the shape
+    // Host-side upper bound of n_tokens[b] - min(k_encoded[b], v_encoded[b]) over the batch (the
+    // full-precision windows); -1 = unknown. Only sizes the grid of the tail launch (tensor-core path).
+    int max_window_tokens = -1;
+    bool cuda_core_only = false;  // skip the tensor-core kernel (A/B comparisons, tests)
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).
@@ -120,6 +125,11 @@ void set_tokenwise_values(DecodeAttentionArgs& a, const TokCodec& codec, int blo
     if (a.value_block_bytes == 0) a.value_block_bytes = a.value_layout.bytes();
 }
 
+}  // namespace kvq::cuda
+
+#include "kvq/cuda/decode_attention_tc.cuh"
+
+namespace kvq::cuda {
 namespace detail {
 
 inline constexpr int kDecThreads = 256;
@@ -141,19 +151,74 @@ inline int dec_chunks(const DecodeAttentionArgs& a) {
     return a.max_tokens <= 0 ? 1 : (a.max_tokens + c - 1) / c;
 }
 
+// How the work is split: the tensor-core kernel over [0, E) plus the CUDA-core kernel over the tail
+// (tc), or the CUDA-core kernel over everything.
+struct DecPlan {
+    bool tc = false;
+    int chunk = 0, n_main = 0;       // tc: positions per CTA of the tensor-core kernel, its chunks
+    int tail_chunk = 0, n_tail = 0;  // CUDA-core chunks (all of them without tc)
+    int n_parts = 0;                 // partial slots per head
+};
+inline constexpr int kTcTailChunk = 4096;
+inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
+    DecPlan p;
+    p.tc = !a.cuda_core_only && tc_supported(a);
+    if (!p.tc) {
+        p.tail_chunk = dec_chunk(a);
+        p.n_tail = dec_chunks(a);
+        p.n_parts = p.n_tail;
+        return p;
+    }
+    if (a.chunk_tokens > 0) {
+        p.chunk = a.chunk_tokens;
+    } else {
+        // Chunks per (sequence, KV head) such that the CTAs fill whole waves of 3 per SM (the kernel's
+        // occupancy for the common shapes): the best wave efficiency, fewer chunks on ties.
+        int dev = 0, sms = 132;
+        if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+        const long long slots = 3LL * (sms > 0 ? sms : 132);
+        const long long heads = static_cast<long long>(a.batch) * a.n_kv_heads, T = a.max_tokens > 0 ? a.max_tokens : 1;
+        long long best_chunk = (T + 255) / 256 * 256;
+        double best_eff = -1;
+        for (long long want = 1; want <= 64; ++want) {
+            const long long chunk = std::max<long long>(256, ((T + want - 1) / want + 255) / 256 * 256);
+            const long long ctas = heads * ((T + chunk - 1) / chunk);
+            const double eff = double(ctas) / double((ctas + slots - 1) / slots * slots);
+            if (eff > best_eff + 0.02) {
+                best_eff = eff;
+                best_chunk = chunk;
+            }
+            if (chunk == 256) break;
+        }
+        p.chunk = static_cast<int>(best_chunk);
+    }
+    p.n_main = a.max_tokens <= 0 ? 1 : (a.max_tokens + p.chunk - 1) / p.chunk;
+    long long tail = a.max_window_tokens >= 0 ? static_cast<long long>(a.max_window_tokens) + 16 : a.max_tokens;
+    if (tail > a.max_tokens) tail = a.max_tokens;
+    p.tail_chunk = kTcTailChunk;
+    p.n_tail = tail <= 0 ? 1 : static_cast<int>((tail + kTcTailChunk - 1) / kTcTailChunk);
+    p.n_parts = p.n_main + p.n_tail;
+    return p;
+}
+
 struct DecWorkspace {
-    std::size_t proj = 0, qf = 0, ml = 0, acc = 0, total = 0;
+    std::size_t proj = 0, qf = 0, projq = 0, qrec = 0, ml = 0, acc = 0, total = 0;
 };
 inline DecWorkspace dec_workspace_layout(const DecodeAttentionArgs& a) {
     DecWorkspace w;
     const std::size_t heads = std::size_t(a.batch) * a.n_q_heads;
-    const std::size_t nc = static_cast<std::size_t>(dec_chunks(a));
+    const std::size_t nc = static_cast<std::size_t>(dec_plan(a).n_parts);
+    const std::size_t m = a.qjl_m > 0 ? std::size_t(a.qjl_m) : 0;
     std::size_t off = 0;
     if (a.key_format == KeyFormat::Qjl) {
         w.proj = off;
-        off += ws_align(heads * (a.qjl_m > 0 ? a.qjl_m : 0) * sizeof(float));
+        off += ws_align(heads * m * sizeof(float));
         w.qf = off;
         off += ws_align(heads * a.head_dim * sizeof(float));
+        w.projq = off;
+        off += ws_align(heads * m * sizeof(float));
+        w.qrec = off;
+        off += ws_align(heads * QjlQueryLayout::of(static_cast<int>(m)).record_bytes());
     }
     w.ml = off;
     off += ws_align(heads * nc * 2 * sizeof(float));
@@ -243,8 +308,8 @@ __device__ __forceinline__ void dec_score_tokenwise(const std::uint8_t* blk, con
 // Stage: split-K partial attention. See the header comment.
 template <int GT, KeyFormat KF, int KBITS, int VBITS, int CPT>
 __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
-    decode_partial_kernel(DecodeAttentionArgs a, const float* proj, int chunk, int n_chunks, float* part_ml,
-                          float* part_acc) {
+    decode_partial_kernel(DecodeAttentionArgs a, const float* proj, int chunk, float* part_ml, float* part_acc,
+                          int part_offset, int n_parts, int tail) {
     extern __shared__ float4 dec_smem4[];
     float* smem = reinterpret_cast<float*>(dec_smem4);
     const int d = a.head_dim, G = a.n_q_heads / a.n_kv_heads;
@@ -265,8 +330,10 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
     const int n_tok = __ldg(a.n_tokens + b);
     const bool has_cur = a.cur_k != nullptr;
     const int total = n_tok + (has_cur ? 1 : 0);
-    const int c_begin = c * chunk, c_end = min(total, c_begin + chunk);
     const int k_enc = __ldg(a.k_encoded + b), v_enc = __ldg(a.v_encoded + b);
+    // Tail mode: the positions the tensor-core kernel leaves, [E, total) (decode_attention_tc.cuh).
+    const int start = tail ? (min(n_tok, min(k_enc, v_enc)) & ~15) : 0;
+    const int c_begin = start + c * chunk, c_end = min(total, c_begin + chunk);
     const std::int64_t ws = a.window_stride ? a.window_stride : std::int64_t(a.n_kv_heads) * d;
     const float* kwin = (a.k_window != nullptr && k_enc < n_tok) ? a.k_window[b] + std::size_t(kv) * d : nullptr;
     const float* vwin = (a.v_window != nullptr && v_enc < n_tok) ? a.v_window[b] + std::size_t(kv) * d : nullptr;
@@ -288,11 +355,11 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
         if (c_begin >= c_end) {
             // Empty chunk (shorter sequence in the batch): neutral partials.
             for (int i = tid; i < GT; i += kDecThreads) {
-                part_ml[((head_base + i) * n_chunks + c) * 2] = -INFINITY;
-                part_ml[((head_base + i) * n_chunks + c) * 2 + 1] = 0.f;
+                part_ml[((head_base + i) * n_parts + part_offset + c) * 2] = -INFINITY;
+                part_ml[((head_base + i) * n_parts + part_offset + c) * 2 + 1] = 0.f;
             }
             for (int i = tid; i < GT * d; i += kDecThreads)
-                part_acc[((head_base + i / d) * n_chunks + c) * d + i % d] = 0.f;
+                part_acc[((head_base + i / d) * n_parts + part_offset + c) * d + i % d] = 0.f;
             continue;
         }
         __syncthreads();
@@ -543,32 +610,37 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
             for (int ch = tid; ch < d; ch += kDecThreads) {
                 float s = 0.f;
                 for (int k = 0; k < NT; ++k) s += accbuf[k * d + ch];
-                part_acc[((head_base + i) * n_chunks + c) * d + ch] = s;
+                part_acc[((head_base + i) * n_parts + part_offset + c) * d + ch] = s;
             }
             if (tid == 0) {
-                part_ml[((head_base + i) * n_chunks + c) * 2] = m_run[i];
-                part_ml[((head_base + i) * n_chunks + c) * 2 + 1] = l_run[i];
+                part_ml[((head_base + i) * n_parts + part_offset + c) * 2] = m_run[i];
+                part_ml[((head_base + i) * n_parts + part_offset + c) * 2 + 1] = l_run[i];
             }
             __syncthreads();
         }
     }
 }
 
-// Stage: exact merge of the chunks. grid (n_q_heads, batch), head_dim threads.
-__global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_chunks, const float* part_ml,
+// Stage: exact merge of the partials. grid (n_q_heads, batch), head_dim threads. With used_all, every
+// one of the n_parts slots was written (empty ones as max -inf, sum 0); otherwise the first
+// ceil(total / chunk).
+__global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_parts, int used_all, const float* part_ml,
                                       const float* part_acc) {
     const int hq = blockIdx.x, b = blockIdx.y, d = a.head_dim, ch = threadIdx.x;
     const std::size_t head = std::size_t(b) * a.n_q_heads + hq;
     const int total = __ldg(a.n_tokens + b) + (a.cur_k != nullptr ? 1 : 0);
-    const int used = min(n_chunks, (total + chunk - 1) / chunk);
+    const int used = used_all ? n_parts : min(n_parts, (total + chunk - 1) / chunk);
     float M = -INFINITY;
-    for (int i = 0; i < used; ++i) M = fmaxf(M, part_ml[(head * n_chunks + i) * 2]);
+    for (int i = 0; i < used; ++i) M = fmaxf(M, part_ml[(head * n_parts + i) * 2]);
     float L = 0.f, o = 0.f;
-    for (int i = 0; i < used; ++i) {
-        const float e = expf(part_ml[(head * n_chunks + i) * 2] - M);
-        L = fmaf(e, part_ml[(head * n_chunks + i) * 2 + 1], L);
-        o = fmaf(e, part_acc[(head * n_chunks + i) * d + ch], o);
-    }
+    if (M > -INFINITY)
+        for (int i = 0; i < used; ++i) {
+            const float mi = part_ml[(head * n_parts + i) * 2];
+            if (mi == -INFINITY) continue;
+            const float e = expf(mi - M);
+            L = fmaf(e, part_ml[(head * n_parts + i) * 2 + 1], L);
+            o = fmaf(e, part_acc[(head * n_parts + i) * d + ch], o);
+        }
     if (ch < d) {
         float r = L > 0.f ? o / L : 0.f;
         if (a.v_scale != nullptr) {
@@ -674,8 +746,10 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
     float* proj = reinterpret_cast<float*>(base + w.proj);
     float* ml = reinterpret_cast<float*>(base + w.ml);
     float* accp = reinterpret_cast<float*>(base + w.acc);
-    const int chunk = detail::dec_chunk(a), n_chunks = detail::dec_chunks(a);
+    const detail::DecPlan plan = detail::dec_plan(a);
     const int G = a.n_q_heads / a.n_kv_heads;
+    float* projq = reinterpret_cast<float*>(base + w.projq);
+    auto* qrec = reinterpret_cast<std::uint32_t*>(base + w.qrec);
 
     if (a.key_format == KeyFormat::Qjl) {
         QjlScoreArgs q;
@@ -690,7 +764,46 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(
             q, proj, reinterpret_cast<float*>(base + w.qf), nullptr);
         KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
+        // Every GPU path scores with the int8 bit-sliced query (qjl_query.cuh), as the CPU decode does.
+        detail::qjl_quantize_query_kernel<<<q.n_q_heads, 32 * ((a.qjl_m + 31) / 32), 0, stream>>>(proj, a.qjl_m, qrec,
+                                                                                                  projq);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
     }
+
+    if (plan.tc) {
+        const std::size_t tsmem = detail::tc_smem_bytes(a, G);
+        const int stages = detail::tc_pick_stages(a);
+        const dim3 tgrid(plan.n_main, a.n_kv_heads, a.batch);
+        auto tlaunch = [&](auto kernel) {
+            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tsmem)));
+            kernel<<<tgrid, detail::kTcWarps * 32, tsmem, stream>>>(a, qrec, plan.chunk, plan.n_parts, stages, ml,
+                                                                    accp);
+            KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel");
+        };
+        auto with_g = [&](auto d_c, auto vb_c) {
+            constexpr int Dc = decltype(d_c)::value, VBc = decltype(vb_c)::value;
+            switch (G) {
+                case 1: tlaunch(detail::decode_tc_kernel<Dc, VBc, 1>); break;
+                case 2: tlaunch(detail::decode_tc_kernel<Dc, VBc, 2>); break;
+                default: tlaunch(detail::decode_tc_kernel<Dc, VBc, 4>); break;
+            }
+        };
+        auto with_vb = [&](auto d_c) {
+            switch (a.value_bits) {
+                case 2: with_g(d_c, std::integral_constant<int, 2>{}); break;
+                case 4: with_g(d_c, std::integral_constant<int, 4>{}); break;
+                default: with_g(d_c, std::integral_constant<int, 8>{}); break;
+            }
+        };
+        switch (a.head_dim) {
+            case 64: with_vb(std::integral_constant<int, 64>{}); break;
+            case 128: with_vb(std::integral_constant<int, 128>{}); break;
+            default: with_vb(std::integral_constant<int, 256>{}); break;
+        }
+    }
+    const int chunk = plan.tail_chunk, n_chunks = plan.n_tail;
+    const int part_offset = plan.tc ? plan.n_main : 0, tail = plan.tc ? 1 : 0;
+    const float* tables = a.key_format == KeyFormat::Qjl ? projq : proj;
 
     const int gt = detail::dec_pick_gt(G);
     const std::size_t smem = detail::dec_smem_bytes(a, gt);
@@ -698,7 +811,8 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
     auto launch = [&](auto kernel, const char* name) {
         if (smem > 48 * 1024)
             KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        kernel<<<grid, detail::kDecThreads, smem, stream>>>(a, proj, chunk, n_chunks, ml, accp);
+        kernel<<<grid, detail::kDecThreads, smem, stream>>>(a, tables, chunk, ml, accp, part_offset, plan.n_parts,
+                                                            tail);
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
     // Dispatch over (GT, key format/bits, value bits).
@@ -751,7 +865,8 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         default: with_keys(std::integral_constant<int, 1>{}); break;
     }
 
-    detail::decode_combine_kernel<<<dim3(a.n_q_heads, a.batch), a.head_dim, 0, stream>>>(a, chunk, n_chunks, ml, accp);
+    detail::decode_combine_kernel<<<dim3(a.n_q_heads, a.batch), a.head_dim, 0, stream>>>(a, chunk, plan.n_parts, tail,
+                                                                                         ml, accp);
     KVQ_CUDA_CHECK_LAUNCH("decode_combine_kernel");
 }
 

@@ -17,16 +17,30 @@
 //     codec's score(): inlier projection = S q - S[:, O] q_O (first m rows), outlier projection =
 //     S[:m_o, O] q_O; est = sqrt(pi/2)/m ||k_I|| sum_I + sqrt(pi/2)/m_o ||k_O|| sum_O.
 //
+// Tensor-core path (the default without outliers: exact_query == false, outliers == 0, block_tokens
+// >= 16, sm_80+): step 1 is followed by detail::qjl_quantize_query_kernel (qjl_query.cuh), which
+// turns S q into the int8 bit-sliced query record of each head (8 bit planes, s, usum), and step 2 is
+// qjl_score_tc_kernel: one BMMA (AND + popcount, m16n8k256) per 16 tokens x 256 code bits x query
+// head; A = the stored sign codes (row = token), B = the 8 planes of the head (column n = plane n):
+//   T = sum_n w_n C[row][n] (w_n = 2^n, n < 7; w_7 = -128),  score = ((cs * ||k||) * float(2T - usum))
+// with cs = float(sqrt(pi/2)/m) * s: the same float operations as QjlKeyCodec::score's bit-sliced
+// path, and |score - exact| <= sqrt(pi/2)/m * ||k|| * m s / 2 (+ rounding). exact_query == true, any
+// outliers, or blocks of fewer than 16 tokens (a BMMA step is 16 tokens of one block) take the exact
+// float kernels above instead (a fallback, not a rejection; qjl_score_uses_tensor_path says which).
+//
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
 // capture launch_qjl_score.
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <string>
 
 #include "kvq/core/half.hpp"
 #include "kvq/cuda/check.cuh"
+#include "kvq/cuda/mma.cuh"
+#include "kvq/cuda/qjl_query.cuh"
 #include "kvq/quant/codec.hpp"
 
 namespace kvq::cuda {
@@ -61,7 +75,18 @@ struct QjlScoreArgs {
 
     float* scores = nullptr;        // device [n_q_heads][score_stride]
     std::int64_t score_stride = 0;  // 0 -> n_tokens
+
+    // false (default): without outliers (and block_tokens >= 16), score with the int8 bit-sliced
+    // query on tensor cores (see the top of this file; error bound there). true: the exact float
+    // projection (nibble-table kernel), as QjlKeyCodec::prepare() + score().
+    bool exact_query = false;
 };
+
+// Whether launch_qjl_score takes the tensor-core path for these arguments (on an sm_80+ device).
+// Blocks of fewer than 16 tokens fall back to the exact kernel (no rejection).
+inline bool qjl_score_uses_tensor_path(const QjlScoreArgs& a) {
+    return !a.exact_query && a.outliers == 0 && a.layout.block_tokens >= 16;
+}
 
 // Copies the codec parameters and the layout of blocks of block_tokens tokens into args (the
 // device sketch pointer stays the caller's job: upload codec.sketch()).
@@ -90,15 +115,29 @@ inline constexpr std::size_t kQjlSmemBudget = 96 * 1024;
 
 KVQ_HD std::size_t ws_align(std::size_t n) { return (n + 255) & ~std::size_t(255); }
 
+// Workspace sections (byte offsets, each 256-byte aligned):
+//   proj  fp32 S q [n_q_heads][sketch_rows]
+//   qf    fp32 q [n_q_heads][head_dim]
+//   st    fp32 S^T [head_dim][sketch_rows]             (outliers > 0 only)
+//   rec   QjlQueryLayout records [n_q_heads][record_words] (tensor path only; head h at
+//         rec + h * QjlQueryLayout::of(m).record_bytes(): uint32 planes[8][words], float s, int32 usum)
+//   projq fp32 u * s [n_q_heads][m]                     (tensor path only)
+// Without outliers: rec = ws_align(n_q_heads * m * 4) + ws_align(n_q_heads * head_dim * 4).
 struct QjlWorkspace {
-    std::size_t proj = 0, qf = 0, st = 0, total = 0;
+    std::size_t proj = 0, qf = 0, st = 0, rec = 0, projq = 0, total = 0;
 };
 inline QjlWorkspace qjl_workspace_layout(const QjlScoreArgs& a) {
     QjlWorkspace w;
     w.proj = 0;
     w.qf = ws_align(std::size_t(a.n_q_heads) * a.sketch_rows * sizeof(float));
     w.st = w.qf + ws_align(std::size_t(a.n_q_heads) * a.head_dim * sizeof(float));
-    w.total = w.st + (a.outliers > 0 ? ws_align(std::size_t(a.head_dim) * a.sketch_rows * sizeof(float)) : 0);
+    w.rec = w.st + (a.outliers > 0 ? ws_align(std::size_t(a.head_dim) * a.sketch_rows * sizeof(float)) : 0);
+    w.projq = w.rec;
+    w.total = w.rec;
+    if (qjl_score_uses_tensor_path(a) && a.m > 0) {
+        w.projq = w.rec + ws_align(std::size_t(a.n_q_heads) * QjlQueryLayout::of(a.m).record_bytes());
+        w.total = w.projq + ws_align(std::size_t(a.n_q_heads) * a.m * sizeof(float));
+    }
     return w;
 }
 
@@ -326,11 +365,191 @@ static __global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* pro
     (void)ntab;
 }
 
+// Step 2, tensor-core path (no outliers, blocks >= 16 tokens). grid = (token chunks, n_kv_heads),
+// kQjlTcWarps warps per CTA. Each warp takes U 16-token steps of its CTA's chunk at a time (warps
+// interleaved, so the CTA reads its chunk front to back): first all loads of the U steps (one
+// warp-uniform page-table load per step, the step lies in one block since 16 divides B; two 8-byte
+// code loads per lane and 256-bit K step, each 8 lanes reading 256 contiguous bytes, plus the norm
+// of the row the lane writes), then U x G x KS BMMAs. Lane roles (lane = 4 g + t): A rows g, g + 8
+// are tokens p + g, p + g + 8; K bits [32t, 32t+32) of step ks are code word 8 ks + 2t, bits
+// [128 + 32t, ...) word 8 ks + 2t + 1, for A and B alike (an allowed permutation of K). Words at or
+// beyond m/32 are not loaded (zero; the planes are zero there too), so no byte past a token's code
+// is read. After the quad reduction lane t = 0 holds row g, lane t = 1 row g + 8.
+// GT > 0: G == GT query heads, their B fragments in registers; GT == 0: any G, fragments read from
+// the records (L1) per use. Every head of the KV head is scored from one load of the codes.
+inline constexpr int kQjlTcWarps = 4;
+template <int KS>
+__host__ __device__ constexpr int qjl_tc_unroll() {
+    return KS == 1 ? 4 : (KS == 2 ? 2 : 1);
+}
+
+template <int KS, int GT>
+__global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
+    qjl_score_tc_kernel(QjlScoreArgs a, const std::uint32_t* rec, float c_in, int chunk) {
+    constexpr int U = qjl_tc_unroll<KS>();
+    constexpr int GR = GT > 0 ? GT : 1;
+    const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int G = GT > 0 ? GT : a.n_q_heads / a.n_kv_heads;
+    const int T = a.n_tokens, B = static_cast<int>(a.layout.block_tokens), bsh = __ffs(B) - 1;
+    const int nwords = a.m / 32;
+    const bool v8 = (a.m % 64) == 0;  // code rows 8-byte aligned, words come in pairs
+    const std::size_t cb = a.layout.code_bytes, norm_off = a.layout.token_side_offset();
+    const QjlQueryLayout QL = QjlQueryLayout::of(a.m);
+    const std::size_t rw = QL.record_words();
+    const std::uint32_t* rec0 = rec + std::size_t(kv) * G * rw;
+    const std::int64_t ss = a.score_stride ? a.score_stride : T;
+    float* out0 = a.scores + std::size_t(kv) * G * ss;
+    const std::uint32_t* pg = a.pages + std::int64_t(kv) * a.page_stride;
+    const int c_begin = blockIdx.x * chunk, c_end = min(T, c_begin + chunk);
+    const int wt0 = 1 << (2 * t), wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
+    const int row = g + 8 * (t & 1);  // the row whose score this lane writes (t < 2)
+
+    std::uint32_t bq[GR][KS][2];
+    float cs[GR];
+    int usum[GR];
+#pragma unroll
+    for (int hh = 0; hh < GR; ++hh) {
+        if constexpr (GT > 0) {
+            const std::uint32_t* r = rec0 + hh * rw;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const uint2 b = __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                bq[hh][ks][0] = b.x;
+                bq[hh][ks][1] = b.y;
+            }
+            cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
+            usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
+        }
+    }
+
+    for (int p0 = c_begin + warp * 16 * U; p0 < c_end; p0 += kQjlTcWarps * 16 * U) {
+        std::uint32_t av[U][KS][4];
+        float nrm[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int p = p0 + 16 * u;
+            nrm[u] = 0.f;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) av[u][ks][0] = av[u][ks][1] = av[u][ks][2] = av[u][ks][3] = 0u;
+            if (p < c_end) {  // warp-uniform
+                const std::uint32_t page = __ldg(pg + (p >> bsh));
+                const std::uint8_t* blk = a.pool + std::size_t(page) * a.block_bytes;
+                const int tb = p & (B - 1);
+                const std::uint8_t* r0 = blk + std::size_t(tb + g) * cb;
+                const std::uint8_t* r1 = r0 + 8 * cb;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    const int w0 = 8 * ks + 2 * t;
+                    if (v8) {
+                        if (w0 < nwords) {
+                            const uint2 lo = __ldg(reinterpret_cast<const uint2*>(r0 + 4 * w0));
+                            const uint2 hi = __ldg(reinterpret_cast<const uint2*>(r1 + 4 * w0));
+                            av[u][ks][0] = lo.x;
+                            av[u][ks][1] = hi.x;
+                            av[u][ks][2] = lo.y;
+                            av[u][ks][3] = hi.y;
+                        }
+                    } else {
+                        const std::uint32_t* q0 = reinterpret_cast<const std::uint32_t*>(r0);
+                        const std::uint32_t* q1 = reinterpret_cast<const std::uint32_t*>(r1);
+                        if (w0 < nwords) {
+                            av[u][ks][0] = __ldg(q0 + w0);
+                            av[u][ks][1] = __ldg(q1 + w0);
+                        }
+                        if (w0 + 1 < nwords) {
+                            av[u][ks][2] = __ldg(q0 + w0 + 1);
+                            av[u][ks][3] = __ldg(q1 + w0 + 1);
+                        }
+                    }
+                }
+                nrm[u] = ::kvq::half_to_float(
+                    ::kvq::half_t{__ldg(reinterpret_cast<const unsigned short*>(blk + norm_off) + tb + row)});
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int p = p0 + 16 * u;
+            if (p >= c_end) break;  // warp-uniform
+            const int tok = p + row;
+            const bool store = t < 2 && tok < c_end;
+            auto score_head = [&](int hh, const std::uint32_t(*b)[2], float csh, int ush) {
+                int c[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) tc::bmma_m16n8k256_popc(c, av[u][ks], b[ks]);
+                const int x0 = c[0] * wt0 + c[1] * wt1, x1 = c[2] * wt0 + c[3] * wt1;
+                int mine = (t & 1) ? x1 : x0;
+                mine += __shfl_xor_sync(0xffffffffu, (t & 1) ? x0 : x1, 1);
+                mine += __shfl_xor_sync(0xffffffffu, mine, 2);
+                if (store) out0[std::size_t(hh) * ss + tok] = (csh * nrm[u]) * static_cast<float>(2 * mine - ush);
+            };
+            if constexpr (GT > 0) {
+#pragma unroll
+                for (int hh = 0; hh < GR; ++hh) score_head(hh, bq[hh], cs[hh], usum[hh]);
+            } else {
+                for (int hh = 0; hh < G; ++hh) {
+                    const std::uint32_t* r = rec0 + hh * rw;
+                    std::uint32_t b[KS][2];
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks) {
+                        const uint2 v =
+                            __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                        b[ks][0] = v.x;
+                        b[ks][1] = v.y;
+                    }
+                    score_head(hh, b, c_in * __uint_as_float(__ldg(r + 8 * QL.words)),
+                               static_cast<int>(__ldg(r + 8 * QL.words + 1)));
+                }
+            }
+        }
+    }
+}
+
 inline int qjl_pick_gt(int G, int m) {
     for (int gt : {8, 4, 2}) {
         if (G % gt == 0 && std::size_t(gt) * 16 * m <= kQjlSmemBudget) return gt;
     }
     return 1;
+}
+
+// Launches qjl_score_tc_kernel<KS, GT>: KS = ceil(m / 256) K steps; GT = G when G is 1, 2, 4 or 8
+// and its fragments fit in 16 registers x 2 (G * KS <= 16), else 0 (any G, fragments from L1).
+// Chunks of whole warp tiles, about 8 CTAs per SM in all (T = 4k x 32 heads: 512 CTAs; 64k: 1024).
+template <int KS>
+inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+    const int G = a.n_q_heads / a.n_kv_heads;
+    const int tile = 16 * qjl_tc_unroll<KS>();
+    const long long tiles = static_cast<long long>((a.n_tokens + tile - 1) / tile) * a.n_kv_heads;
+    const long long target = 8LL * (sms > 0 ? sms : 1);
+    long long per_cta = (tiles + target - 1) / target;
+    per_cta = (per_cta + kQjlTcWarps - 1) / kQjlTcWarps * kQjlTcWarps;
+    if (per_cta < kQjlTcWarps) per_cta = kQjlTcWarps;
+    const long long chunk_ll = per_cta * tile;
+    const int chunk = chunk_ll > (1LL << 30) ? (1 << 30) : static_cast<int>(chunk_ll);
+    const dim3 grid(static_cast<unsigned>((a.n_tokens + chunk - 1) / chunk), static_cast<unsigned>(a.n_kv_heads));
+    const float c_in = static_cast<float>(std::sqrt(kQjlHalfPi) / a.m);  // as QjlKeyCodec::score
+    auto go = [&](auto kernel, const char* name) {
+        kernel<<<grid, kQjlTcWarps * 32, 0, stream>>>(a, rec, c_in, chunk);
+        KVQ_CUDA_CHECK_LAUNCH(name);
+    };
+    if (G == 1)
+        go(qjl_score_tc_kernel<KS, 1>, "qjl_score_tc_kernel<G=1>");
+    else if (G == 2)
+        go(qjl_score_tc_kernel<KS, 2>, "qjl_score_tc_kernel<G=2>");
+    else if (G == 4)
+        go(qjl_score_tc_kernel<KS, 4>, "qjl_score_tc_kernel<G=4>");
+    else if (G == 8 && KS <= 2)
+        go(qjl_score_tc_kernel<KS, (KS <= 2 ? 8 : 0)>, "qjl_score_tc_kernel<G=8>");
+    else
+        go(qjl_score_tc_kernel<KS, 0>, "qjl_score_tc_kernel<any G>");
+}
+
+inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+    switch ((a.m + 255) / 256) {
+        case 1: qjl_launch_tc_ks<1>(a, rec, sms, stream); break;
+        case 2: qjl_launch_tc_ks<2>(a, rec, sms, stream); break;
+        case 3: qjl_launch_tc_ks<3>(a, rec, sms, stream); break;
+        default: qjl_launch_tc_ks<4>(a, rec, sms, stream); break;
+    }
 }
 
 }  // namespace detail
@@ -359,6 +578,10 @@ inline CheckResult can_implement(const QjlScoreArgs& a) {
         return fail("block_bytes must be a multiple of 16 and at least layout.bytes() = " + std::to_string(l.bytes()));
     if (a.n_kv_heads <= 0 || a.n_q_heads <= 0 || a.n_q_heads % a.n_kv_heads != 0)
         return fail("n_q_heads must be a positive multiple of n_kv_heads");
+    if (a.n_kv_heads > 65535) return fail("n_kv_heads must be <= 65535 (a grid dimension)");
+    // The tensor-core path (qjl_score_uses_tensor_path) accepts every shape accepted here: m any
+    // multiple of 32 up to 1024 (words past m are neither loaded nor set in the query planes), any
+    // group size; blocks of fewer than 16 tokens are not rejected but fall back to the exact kernel.
     if (a.n_tokens < 0) return fail("n_tokens must be >= 0");
     if (a.n_tokens > (1 << 30)) return fail("n_tokens must be <= 2^30");
     const std::int64_t n_pages = (std::int64_t(a.n_tokens) + B - 1) / B;
@@ -387,9 +610,25 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
     float* qf = reinterpret_cast<float*>(base + w.qf);
     float* st = a.outliers > 0 ? reinterpret_cast<float*>(base + w.st) : nullptr;
 
+    int dev = 0, sms = 0, cc_major = 0;
+    KVQ_CUDA_CHECK(cudaGetDevice(&dev));
+    KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+    const bool tensor = qjl_score_uses_tensor_path(a) && cc_major >= 8;  // BMMA needs sm_80+
+
     const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
     detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
     KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
+    if (tensor) {
+        auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
+        auto* projq = reinterpret_cast<float*>(base + w.projq);
+        // proj rows are sketch_rows = m floats apart without outliers, as the kernel expects.
+        detail::qjl_quantize_query_kernel<<<a.n_q_heads, 32 * ((a.m + 31) / 32), 0, stream>>>(proj, a.m, rec, projq);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
+        if (a.n_tokens == 0) return;
+        detail::qjl_launch_tc(a, rec, sms, stream);
+        return;
+    }
     if (a.n_tokens == 0) return;
 
     const int groups = (a.n_tokens + 31) / 32;
@@ -423,9 +662,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
     } else {
         const std::size_t per_warp = std::size_t(a.m + a.m_outlier) / 4 * 16 * sizeof(float);
         const std::size_t st_bytes = std::size_t(a.head_dim) * a.sketch_rows * sizeof(float);
-        int dev = 0, sms = 0, smem_optin = 0;
-        KVQ_CUDA_CHECK(cudaGetDevice(&dev));
-        KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+        int smem_optin = 0;
         KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
         const long long items = static_cast<long long>(groups) * a.n_kv_heads;
         int nw = 0, st_in_smem = 0, ctas_per_sm = 1;

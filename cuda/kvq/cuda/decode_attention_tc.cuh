@@ -1,0 +1,484 @@
+#pragma once
+// Tensor-core fused decode attention for QJL keys (no outliers) and token-wise int 2/4/8 values.
+// Included by decode_attention.cuh (it needs DecodeAttentionArgs); launch_decode_attention picks it
+// when tc_supported() says the shape fits, and falls back to the CUDA-core kernel otherwise.
+//
+// Why: at 82 bytes per (position, head) (QJL m = 256 + int2 g32 values, d = 128) memory speed leaves
+// ~5-25 warp instructions per position; the CUDA-core kernel spends ~65. Here both halves run on
+// tensor cores and a position costs ~8:
+//  * Scores: the int8 bit-sliced query (qjl_query.cuh) as the 8 columns of a BMMA (AND + popcount),
+//    16 keys x 256 code bits per instruction, so the stored sign bits are the A operand unchanged.
+//    est = ((cs * ||k||) * float(2T - usum)) / sqrt(d): the CPU's decode scorer (prepare_fast).
+//  * Values: out^T[d] = V^T[d x 16 positions] * w[16] per step with mma.m16n8k16 (fp16 in, fp32
+//    accumulate). A = the codes of 16 channels at 16 positions, each 2-code pair taken out of the
+//    packed stream by one PRMT (pair two positions) and one AND (keep one code of each half), which
+//    leaves an fp16 subnormal c * 2^(r - 24) (exact); the power 2^(r - 24) depends on the channel only
+//    and is undone at the end. B = the weights w = p * step of the position for the channel's group,
+//    as fp16 hi + lo (2^-22 relative) in separate columns: columns 0..3 = hi of (head, group)
+//    combinations, 4..7 = lo. w is scaled by a per-column power of two 2^E (non-increasing over the
+//    run) so that the tile's largest weight is near 2^14; acc is kept in those units.
+//    The minimum term sum_p p * min is summed in fp32 on the side.
+//  * Softmax: fp32 online softmax per warp (running max / sum), warps merged per CTA, chunks merged by
+//    decode_combine_kernel exactly as on the CUDA-core path.
+// Work split: grid (chunks, KV heads, batch), 4 warps per CTA; each warp takes 64-position tiles of the
+// chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep cp.async
+// pipeline in shared memory: no CTA barrier inside the loop. Positions [0, E) with
+// E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the last
+// partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail" mode,
+// into further partial slots.
+//
+// Lane roles (lane = 4 g + t): BMMA rows = the 16 positions of a step; value K index k of a step
+// holds position P(k): P(2t) = t, P(2t+1) = t + 4, P(2t+8) = t + 8, P(2t+9) = t + 12 (bank-conflict
+// free code reads); value A rows: lane g owns channels [g d/8, (g+1) d/8), channel(g, h, j) =
+// g d/8 + h d/16 + j for m-tile j and row half h (rows g / g + 8).
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "kvq/cuda/mma.cuh"
+#include "kvq/cuda/qjl_query.cuh"
+
+namespace kvq::cuda::detail {
+
+inline constexpr int kTcWarps = 4;
+inline constexpr int kTcTile = 64;  // positions per warp tile (4 steps of 16)
+
+// Shared-memory bytes of one pipeline stage of one warp.
+struct TcStage {
+    int kc = 0, kn = 0, vc = 0, vs = 0, bytes = 0;  // offsets of keys' codes/norms, values' codes/steps(+minima)
+    __host__ __device__ static TcStage of(int m, int d, int vbits, int vng) {
+        TcStage s;
+        s.kc = 0;
+        s.kn = kTcTile * m / 8;
+        s.vc = s.kn + kTcTile * 2;
+        s.vs = s.vc + kTcTile * d * vbits / 8;
+        s.bytes = s.vs + kTcTile * vng * 4;  // steps [64][vng] fp16 then minima [64][vng] fp16
+        s.bytes = (s.bytes + 15) & ~15;
+        return s;
+    }
+};
+
+__device__ __forceinline__ float tc_pow2(int e) {  // 2^e for e in [-126, 127]; 0 below
+    return e < -126 ? 0.f : __int_as_float((127 + (e > 127 ? 127 : e)) << 23);
+}
+__device__ __forceinline__ float tc_exp(float x) {  // e^x, ex2.approx (2 ulp); exp(-inf) = 0
+    return exp2f(x * 1.4426950408889634f);
+}
+
+// Lane's d/8 channels of the codes of two positions (x0, x1: CB bits each, as 32-bit words) to the
+// A registers of the (h, j) rows: out[h][j] holds {code(P_lo), code(P_hi)} as fp16 subnormals.
+template <int D, int BITS>
+__device__ __forceinline__ void tc_expand_pair(const std::uint32_t* x0, const std::uint32_t* x1,
+                                               std::uint32_t (&out)[2][D / 16]) {
+    constexpr int CB = D * BITS / 8;  // bits per lane chunk (16 .. 256)
+    constexpr int NH = CB / 16;       // 16-bit halves
+    std::uint32_t z[NH], zs[NH];
+#pragma unroll
+    for (int e = 0; e < NH; ++e) {
+        z[e] = (e % 2 == 0) ? tc::prmt_lo(x0[e / 2], x1[e / 2]) : tc::prmt_hi(x0[e / 2], x1[e / 2]);
+        zs[e] = z[e] >> 8;
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int j = 0; j < D / 16; ++j) {
+            const int o = (h * (D / 16) + j) * BITS, e = o / 16, r = o % 16, sh = r % 8;
+            const std::uint32_t mk = ((1u << BITS) - 1u) << sh;
+#if defined(KVQ_TC_NORMAL_A)
+            // Variant without subnormal operands: 1024 + c 2^sh (exponent 10), minus 1024, exact.
+            std::uint32_t raw = ((r < 8 ? z[e] : zs[e]) & (mk | (mk << 16))) | 0x64006400u;
+            __half2 hv = *reinterpret_cast<__half2*>(&raw);
+            const std::uint32_t bias_bits = 0x64006400u;
+            hv = __hsub2(hv, *reinterpret_cast<const __half2*>(&bias_bits));
+            out[h][j] = *reinterpret_cast<std::uint32_t*>(&hv);
+#else
+            out[h][j] = (r < 8 ? z[e] : zs[e]) & (mk | (mk << 16));
+#endif
+        }
+}
+// Scale of the A operand's unit: 2^-24 for subnormals (undone by 2^24 at the end), 1 otherwise.
+#if defined(KVQ_TC_NORMAL_A)
+inline constexpr float kTcUnitInv = 1.0f;
+#else
+inline constexpr float kTcUnitInv = 16777216.0f;
+#endif
+// Exponent r % 8 of the code's position inside its half (the subnormal carries c * 2^(sh - 24)).
+template <int D, int BITS>
+__host__ __device__ constexpr int tc_row_shift(int h, int j) {
+    return (((h * (D / 16) + j) * BITS) % 16) % 8;
+}
+
+template <int D, int VBITS, int G>
+__global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
+    decode_tc_kernel(DecodeAttentionArgs a, const std::uint32_t* qrec, int chunk, int n_parts, int n_stages,
+                     float* part_ml, float* part_acc) {
+    extern __shared__ float4 tc_smem4[];
+    std::uint8_t* smem = reinterpret_cast<std::uint8_t*>(tc_smem4);
+    constexpr int MT = D / 16;           // value m-tiles
+    constexpr int CB8 = D * VBITS / 64;  // bytes of a lane's channel chunk per position
+    constexpr int CW = CB8 >= 4 ? CB8 / 4 : 1;
+    const int m = a.qjl_m, ksteps = (m + 255) / 256, kcb = m / 8;
+    const int vg = a.value_group, vng = D / vg, vcb = D * VBITS / 8;
+    const int kv = blockIdx.y, b = blockIdx.z, c = blockIdx.x;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const TcStage st = TcStage::of(m, D, VBITS, vng);
+    std::uint8_t* wsm = smem + std::size_t(warp) * n_stages * st.bytes;
+    float* red = reinterpret_cast<float*>(smem + std::size_t(kTcWarps) * n_stages * st.bytes);  // [W][G][D]
+    float* mred = red + kTcWarps * G * D;                                                       // [W][G][4]
+    float* mls = mred + kTcWarps * G * 4;                                                       // [W][G][2]
+
+    const int n_tok = __ldg(a.n_tokens + b), k_enc = __ldg(a.k_encoded + b), v_enc = __ldg(a.v_encoded + b);
+    const int E = min(n_tok, min(k_enc, v_enc)) & ~15;
+    const int c_begin = c * chunk, c_end = min(E, c_begin + chunk);
+    const int len = c_end > c_begin ? c_end - c_begin : 0;
+    const int n_tiles = (len + kTcTile - 1) / kTcTile;
+    const int Hq = a.n_q_heads;
+    const std::uint32_t* kpages = a.key_pages + (std::size_t(b) * a.n_kv_heads + kv) * a.page_stride;
+    const std::uint32_t* vpages = a.value_pages + (std::size_t(b) * a.n_kv_heads + kv) * a.page_stride;
+    const int KB = static_cast<int>(a.key_layout.block_tokens), VB = static_cast<int>(a.value_layout.block_tokens);
+    const int ksh = __ffs(KB) - 1, vsh = __ffs(VB) - 1;
+    const std::size_t kside = a.key_layout.token_side_offset(), vside = a.value_layout.token_side_offset();
+
+    // Query planes of the G heads (B operands of the BMMA), the scale and usum.
+    const QjlQueryLayout QL = QjlQueryLayout::of(m);
+    std::uint32_t bq[G][4][2];
+    float cs[G];
+    int usum[G];
+    const float c_in = static_cast<float>(1.2533141373155003 / m);
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh) {
+        const std::uint32_t* r = qrec + (std::size_t(b) * Hq + kv * G + hh) * QL.record_words();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            bq[hh][ks][0] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t) : 0u;
+            bq[hh][ks][1] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t + 1) : 0u;
+        }
+        cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
+        usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
+    }
+    const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
+    const float scale = 1.0f / sqrtf(static_cast<float>(D));
+
+    // Column roles. B column g: combination (head, group) = g & 3, hi (g < 4) or lo part.
+    const int ncombo = G * vng;
+    const int combo_b = g & 3;
+    const bool valid_b = combo_b < ncombo, lo_b = g >= 4;
+    const int head_b = valid_b ? combo_b / vng : 0, grp_b = valid_b ? combo_b % vng : 0;
+    // D columns 2t, 2t+1 of this lane; rows of this lane are channels of group grp_row.
+    const int grp_row = g * (D / 8) / vg;
+    int head_d[2];
+    bool use_d[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int col = 2 * t + e, cmb = col & 3;
+        use_d[e] = cmb < ncombo && cmb % vng == grp_row;
+        head_d[e] = cmb < ncombo ? cmb / vng : 0;
+    }
+
+    float m_run[G], l_run[G];
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh) {
+        m_run[hh] = -INFINITY;
+        l_run[hh] = 0.f;
+    }
+    float acc[MT][4];
+#pragma unroll
+    for (int j = 0; j < MT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[j][r] = 0.f;
+    float macc = 0.f;
+    int e_b = 120, e_d[2] = {120, 120};  // per-column weight exponents (non-increasing)
+
+    // Tile k of this warp: positions [c_begin + (warp + k W) 64, ...).
+    const int my_tiles = n_tiles > warp ? (n_tiles - warp + kTcWarps - 1) / kTcWarps : 0;
+    auto tile_pos = [&](int k) { return c_begin + (warp + k * kTcWarps) * kTcTile; };
+    // Page ids of tile k: lane sp (< 4) holds the key block of step sp, lane 4 + sp the value block.
+    // Loaded one iteration before their tile is issued, so the cp.async issue never waits on them.
+    auto load_pages = [&](int k) -> std::uint32_t {
+        if (k >= my_tiles || lane >= 8) return 0u;
+        const int p = tile_pos(k) + 16 * (lane & 3);
+        if (p >= c_end) return 0u;
+        return lane < 4 ? __ldg(kpages + (p >> ksh)) : __ldg(vpages + (p >> vsh));
+    };
+    auto issue = [&](int k, std::uint32_t pg) {
+        if (k < my_tiles) {
+            std::uint8_t* s = wsm + std::size_t(k % n_stages) * st.bytes;
+            const int p0 = tile_pos(k), ns = min(4, (c_end - p0) / 16);
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, sp), vpg = __shfl_sync(0xffffffffu, pg, 4 + sp);
+                if (sp >= ns) continue;
+                const int p = p0 + 16 * sp;
+                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
+                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
+                const int tk = p & (KB - 1), tv = p & (VB - 1);
+                for (int q = lane; q < kcb; q += 32)
+                    tc::cp_async16(s + st.kc + sp * 16 * kcb + 16 * q, kb + std::size_t(tk) * kcb + 16 * q);
+                if (lane < 2)
+                    tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
+                for (int q = lane; q < vcb; q += 32)
+                    tc::cp_async16(s + st.vc + sp * 16 * vcb + 16 * q, vb + std::size_t(tv) * vcb + 16 * q);
+                if (lane < 4 * vng) {  // steps then minima: 16 positions x vng fp16 = 2 vng chunks each
+                    const int half = lane / (2 * vng), q = lane % (2 * vng);
+                    tc::cp_async16(s + st.vs + half * kTcTile * vng * 2 + sp * 32 * vng + 16 * q,
+                                   vb + vside + std::size_t(half) * VB * vng * 2 + std::size_t(tv) * vng * 2 + 16 * q);
+                }
+            }
+        }
+        tc::cp_async_commit();
+    };
+    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k));
+    std::uint32_t pg_next = load_pages(n_stages - 1);
+
+    for (int k = 0; k < my_tiles; ++k) {
+        if (n_stages == 3)
+            tc::cp_async_wait<1>();
+        else
+            tc::cp_async_wait<0>();
+        __syncwarp();
+        issue(k + n_stages - 1, pg_next);
+        pg_next = load_pages(k + n_stages);
+        const std::uint8_t* s = wsm + std::size_t(k % n_stages) * st.bytes;
+        const int ns = min(4, (c_end - tile_pos(k)) / 16);
+
+        // 1. Scores of the tile's positions (rows g, g + 8 of each step), all heads.
+        float sc[4][2][G];
+#pragma unroll
+        for (int sp = 0; sp < 4; ++sp) {
+            if (sp < ns) {
+                int cc[G][4];
+#pragma unroll
+                for (int hh = 0; hh < G; ++hh) cc[hh][0] = cc[hh][1] = cc[hh][2] = cc[hh][3] = 0;
+#pragma unroll
+                for (int ks = 0; ks < 4; ++ks) {
+                    if (ks < ksteps) {
+                        const std::uint8_t* r0 = s + st.kc + (16 * sp + g) * kcb + 32 * ks + 8 * t;
+                        const uint2 lo = *reinterpret_cast<const uint2*>(r0);
+                        const uint2 hi = *reinterpret_cast<const uint2*>(r0 + 8 * kcb);
+                        const std::uint32_t av[4] = {lo.x, hi.x, lo.y, hi.y};
+#pragma unroll
+                        for (int hh = 0; hh < G; ++hh) tc::bmma_m16n8k256_popc(cc[hh], av, bq[hh][ks]);
+                    }
+                }
+                const unsigned short* kn = reinterpret_cast<const unsigned short*>(s + st.kn);
+                const float n0 = __half2float(__ushort_as_half(kn[16 * sp + g]));
+                const float n1 = __half2float(__ushort_as_half(kn[16 * sp + g + 8]));
+#pragma unroll
+                for (int hh = 0; hh < G; ++hh) {
+                    int t0 = cc[hh][0] * wt0 + cc[hh][1] * wt1, t1 = cc[hh][2] * wt0 + cc[hh][3] * wt1;
+                    t0 += __shfl_xor_sync(0xffffffffu, t0, 1);
+                    t1 += __shfl_xor_sync(0xffffffffu, t1, 1);
+                    t0 += __shfl_xor_sync(0xffffffffu, t0, 2);
+                    t1 += __shfl_xor_sync(0xffffffffu, t1, 2);
+                    sc[sp][0][hh] = ((cs[hh] * n0) * static_cast<float>(2 * t0 - usum[hh])) * scale;
+                    sc[sp][1][hh] = ((cs[hh] * n1) * static_cast<float>(2 * t1 - usum[hh])) * scale;
+                }
+            } else {
+#pragma unroll
+                for (int hh = 0; hh < G; ++hh) sc[sp][0][hh] = sc[sp][1][hh] = -INFINITY;
+            }
+        }
+        // 2. Online softmax per head (quads hold identical copies; reduce over g: xor 4, 8, 16).
+        float corr[G];
+#pragma unroll
+        for (int hh = 0; hh < G; ++hh) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) mx = fmaxf(mx, fmaxf(sc[sp][0][hh], sc[sp][1][hh]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const float m_new = fmaxf(m_run[hh], mx);
+            corr[hh] = tc_exp(m_run[hh] - m_new);
+            float sum = 0.f;
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp)
+#pragma unroll
+                for (int r = 0; r < 2; ++r) {
+                    sc[sp][r][hh] = tc_exp(sc[sp][r][hh] - m_new);
+                    sum += sc[sp][r][hh];
+                }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+            l_run[hh] = l_run[hh] * corr[hh] + sum;
+            m_run[hh] = m_new;
+        }
+        // 3. Weights w = p * step for this lane's B column at positions P(2t), P(2t+1), P(2t+8), P(2t+9).
+        const unsigned short* vst = reinterpret_cast<const unsigned short*>(s + st.vs);
+        const unsigned short* vmn = vst + kTcTile * vng;
+        float w[4][4];
+        float wmax = 0.f, msum = 0.f;
+#pragma unroll
+        for (int sp = 0; sp < 4; ++sp) {
+            float pq[4];
+#pragma unroll
+            for (int hh = 0; hh < G; ++hh) {
+                const float q0 = __shfl_sync(0xffffffffu, sc[sp][0][hh], 4 * t);
+                const float q1 = __shfl_sync(0xffffffffu, sc[sp][0][hh], 4 * t + 16);
+                const float q2 = __shfl_sync(0xffffffffu, sc[sp][1][hh], 4 * t);
+                const float q3 = __shfl_sync(0xffffffffu, sc[sp][1][hh], 4 * t + 16);
+                if (hh == head_b || G == 1) {
+                    pq[0] = q0;
+                    pq[1] = q1;
+                    pq[2] = q2;
+                    pq[3] = q3;
+                }
+            }
+#pragma unroll
+            for (int kq = 0; kq < 4; ++kq) {
+                const int pos = 16 * sp + t + 4 * kq;
+                float stp = 0.f, mnv = 0.f;
+                if (valid_b && sp < ns) {
+                    stp = __half2float(__ushort_as_half(vst[pos * vng + grp_b]));
+                    mnv = __half2float(__ushort_as_half(vmn[pos * vng + grp_b]));
+                }
+                w[sp][kq] = pq[kq] * stp;
+                msum = fmaf(pq[kq], mnv, msum);
+                wmax = fmaxf(wmax, w[sp][kq]);
+            }
+        }
+        macc = macc * corr[head_b] + msum;
+        wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 1));
+        wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 2));
+        if (wmax > 0.f) e_b = min(e_b, 141 - static_cast<int>(__float_as_uint(wmax) >> 23));
+        int e_new[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            e_new[e] = __shfl_sync(0xffffffffu, e_b, 4 * (2 * t + e));
+            const float f = corr[head_d[e]] * tc_pow2(e_new[e] - e_d[e]);
+            e_d[e] = e_new[e];
+#pragma unroll
+            for (int j = 0; j < MT; ++j) {
+                acc[j][e] *= f;
+                acc[j][2 + e] *= f;
+            }
+        }
+        const float bscale = tc_pow2(e_b);
+        // 4. Values: per step, B fragment (weights) and the A fragments of every m-tile.
+#pragma unroll
+        for (int sp = 0; sp < 4; ++sp) {
+            if (sp < ns) {
+                std::uint32_t bf[2];
+#pragma unroll
+                for (int hp = 0; hp < 2; ++hp) {
+                    const float x0 = w[sp][2 * hp] * bscale, x1 = w[sp][2 * hp + 1] * bscale;
+                    std::uint32_t hv = tc::pack_half2(x0, x1);
+                    if (lo_b) hv = tc::pack_half2(x0 - tc::half_lo_to_float(hv), x1 - tc::half_hi_to_float(hv));
+                    bf[hp] = hv;
+                }
+                std::uint32_t x[4][CW];
+#pragma unroll
+                for (int kq = 0; kq < 4; ++kq) {
+                    const std::uint8_t* src = s + st.vc + (16 * sp + t + 4 * kq) * (D * VBITS / 8) + g * CB8;
+                    if constexpr (CB8 == 2) {
+                        x[kq][0] = *reinterpret_cast<const unsigned short*>(src);
+                    } else if constexpr (CB8 == 4) {
+                        x[kq][0] = *reinterpret_cast<const std::uint32_t*>(src);
+                    } else if constexpr (CB8 == 8) {
+                        const uint2 u = *reinterpret_cast<const uint2*>(src);
+                        x[kq][0] = u.x;
+                        x[kq][1] = u.y;
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < CB8 / 16; ++q) {
+                            const uint4 u = *reinterpret_cast<const uint4*>(src + 16 * q);
+                            x[kq][4 * q] = u.x;
+                            x[kq][4 * q + 1] = u.y;
+                            x[kq][4 * q + 2] = u.z;
+                            x[kq][4 * q + 3] = u.w;
+                        }
+                    }
+                }
+                std::uint32_t a01[2][MT], a23[2][MT];
+                tc_expand_pair<D, VBITS>(x[0], x[1], a01);  // positions P(2t), P(2t+1)
+                tc_expand_pair<D, VBITS>(x[2], x[3], a23);  // positions P(2t+8), P(2t+9)
+#pragma unroll
+                for (int j = 0; j < MT; ++j) {
+                    const std::uint32_t af[4] = {a01[0][j], a01[1][j], a23[0][j], a23[1][j]};
+                    tc::mma_m16n8k16_f16(acc[j], af, bf);
+                }
+            }
+        }
+    }
+    tc::cp_async_wait<0>();
+
+    // 5. Merge the warps of the CTA and write the chunk's partial per head.
+    for (int i = threadIdx.x; i < kTcWarps * G * (D + 4); i += blockDim.x) red[i] = 0.f;  // red and mred
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        if (!use_d[e]) continue;
+        const float f = tc_pow2(-e_d[e]) * kTcUnitInv;  // weights' 2^E and the A operand's unit
+#pragma unroll
+        for (int j = 0; j < MT; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int ch = g * (D / 8) + h * (D / 16) + j;
+                const float v = acc[j][2 * h + e] * f * (1.0f / float(1 << tc_row_shift<D, VBITS>(h, j)));
+                atomicAdd(&red[(warp * G + head_d[e]) * D + ch], v);
+            }
+    }
+    {
+        float ms = macc;
+        ms += __shfl_xor_sync(0xffffffffu, ms, 1);
+        ms += __shfl_xor_sync(0xffffffffu, ms, 2);
+        if (t == 0 && valid_b && !lo_b) mred[(warp * G + head_b) * 4 + grp_b] = ms;
+    }
+    if (lane == 0)
+#pragma unroll
+        for (int hh = 0; hh < G; ++hh) {
+            mls[(warp * G + hh) * 2] = m_run[hh];
+            mls[(warp * G + hh) * 2 + 1] = l_run[hh];
+        }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int hh = i / D, ch = i % D;
+        float M = -INFINITY;
+        for (int w2 = 0; w2 < kTcWarps; ++w2) M = fmaxf(M, mls[(w2 * G + hh) * 2]);
+        float L = 0.f, o = 0.f;
+        if (M > -INFINITY)
+            for (int w2 = 0; w2 < kTcWarps; ++w2) {
+                const float mw = mls[(w2 * G + hh) * 2];
+                if (mw == -INFINITY) continue;
+                const float f = tc_exp(mw - M);
+                L = fmaf(f, mls[(w2 * G + hh) * 2 + 1], L);
+                o = fmaf(f, red[(w2 * G + hh) * D + ch] + mred[(w2 * G + hh) * 4 + ch / vg], o);
+            }
+        const std::size_t head = std::size_t(b) * Hq + kv * G + hh;
+        part_acc[(head * n_parts + c) * D + ch] = o;
+        if (ch == 0) {
+            part_ml[(head * n_parts + c) * 2] = M;
+            part_ml[(head * n_parts + c) * 2 + 1] = L;
+        }
+    }
+}
+
+inline int tc_pick_stages(const DecodeAttentionArgs& a) {
+    const int vng = a.head_dim / a.value_group;
+    const int sb = TcStage::of(a.qjl_m, a.head_dim, a.value_bits, vng).bytes;
+    return kTcWarps * 3 * sb <= 150 * 1024 ? 3 : 2;
+}
+inline std::size_t tc_smem_bytes(const DecodeAttentionArgs& a, int G) {
+    const int vng = a.head_dim / a.value_group;
+    const std::size_t sb = TcStage::of(a.qjl_m, a.head_dim, a.value_bits, vng).bytes;
+    return std::size_t(kTcWarps) * tc_pick_stages(a) * sb +
+           sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2);
+}
+
+// Whether the tensor-core kernel takes this shape (otherwise the CUDA-core kernel does all).
+inline bool tc_supported(const DecodeAttentionArgs& a) {
+    if (a.key_format != KeyFormat::Qjl || a.qjl_m < 64 || a.qjl_m > 1024 || a.qjl_m % 64 != 0)
+        return false;  // 8-byte code reads
+    const int d = a.head_dim, G = a.n_q_heads / a.n_kv_heads;
+    if (G != 1 && G != 2 && G != 4) return false;
+    if (a.value_bits != 2 && a.value_bits != 4 && a.value_bits != 8) return false;
+    if (a.value_group < d / 8 || d % a.value_group != 0 || G * (d / a.value_group) > 4) return false;
+    if (a.key_layout.block_tokens < 16 || a.value_layout.block_tokens < 16) return false;
+    if (a.key_block_bytes % 16 != 0 || a.value_block_bytes % 16 != 0) return false;
+    return tc_smem_bytes(a, G) <= 200 * 1024;
+}
+
+}  // namespace kvq::cuda::detail
