@@ -1,5 +1,5 @@
 // GPU benchmark: encode of keys/values straight into paged blocks (cuda/kvq/cuda/encode.cuh).
-//   kvq-bench-gpu-encode [--runs N] [--batch B]   (default: batch 1 and 8)
+//   kvq-bench-gpu-encode [--runs N] [--batch B] [--tokens T]   (default: batch 1 and 8, all T)
 // H_kv = 32, d = 128, block 64 tokens, batch 1 and 8, T in {4096, 16384, 65536} tokens per sequence
 // appended at once (prefill), pages shuffled. Paths: QJL m = 256 keys (fp16 and fp32 input), QJL
 // m = 256 with 8 outliers (m_o = 256), token-wise int2 g32 (QJL's values) and int4 g32, WKV int4
@@ -50,14 +50,16 @@ struct Row {
 }  // namespace
 
 int main(int argc, char** argv) {
-    int runs = 20, only_batch = 0;
+    int runs = 20, only_batch = 0, only_tokens = 0;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
         else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc)
             only_batch = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--tokens") && i + 1 < argc)
+            only_tokens = std::atoi(argv[++i]);
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--batch B]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--batch B] [--tokens T]\n", argv[0]);
             return 2;
         }
     }
@@ -115,6 +117,7 @@ int main(int argc, char** argv) {
     for (int batch : {1, 8})
         for (int T : {4096, 16384, 65536}) {
             if (only_batch > 0 && batch != only_batch) continue;
+            if (only_tokens > 0 && T != only_tokens) continue;
             const std::size_t elems = std::size_t(batch) * T * H * d;
             const int pages = T / B;
             const std::size_t n_blocks = std::size_t(batch) * H * pages;

@@ -11,10 +11,13 @@ nvcc "${FLAGS[@]}" tests/gpu/test_qjl_score.cu -lgtest -lgtest_main -o build-dev
 nvcc "${FLAGS[@]}" tests/gpu/test_decode_attention.cu -lgtest -lgtest_main -o build-dev/dec_test >"$OUT/b2.log" 2>&1 &
 nvcc "${FLAGS[@]}" bench/bench_gpu.cu -lcublas -o build-dev/bench_score >"$OUT/b3.log" 2>&1 &
 nvcc "${FLAGS[@]}" bench/bench_gpu_decode.cu -o build-dev/bench_dec >"$OUT/b4.log" 2>&1 &
+nvcc "${FLAGS[@]}" tests/gpu/test_encode.cu -lgtest -lgtest_main -o build-dev/enc_test >"$OUT/b5.log" 2>&1 &
+nvcc "${FLAGS[@]}" bench/bench_gpu_encode.cu -lcublas -o build-dev/bench_enc >"$OUT/b6.log" 2>&1 &
 wait
 tail -3 "$OUT"/b*.log
-for t in score_test dec_test; do
+for t in score_test dec_test enc_test; do
   ./build-dev/$t 2>&1 | tee "$OUT/$t.log" | grep -E "FAILED|PASSED|Failure" | head -20
 done
 ./build-dev/bench_score 2>&1 | tee "$OUT/bench_score.log" | grep -E "^\||device|copy" | head -40
+./build-dev/bench_enc 2>&1 | tee "$OUT/bench_enc.log" | grep -E "^\||device|copy" | head -30
 ./build-dev/bench_dec "$@" 2>&1 | tee "$OUT/bench_dec.log" | grep -E "^\||device|copy" | head -60
