@@ -3,6 +3,7 @@
 # 64k tokens x 32 heads, batch 1: one launch each, full section set, text reports in $OUT.
 #   bash scripts/gpu_profile.sh
 set -uo pipefail
+trap 'cd "$OUT" && tar czf logs.tgz --remove-files *.log *.txt 2>/dev/null' EXIT
 OUT=${OUT:-/tmp/kvq-gpu-out}
 mkdir -p "$OUT" build-dev
 FLAGS=(-std=c++20 -arch=sm_90 -O3 -lineinfo -Iinclude -Icuda -I/usr/include/eigen3 -diag-suppress 20012,20013,20014,20015)
