@@ -21,8 +21,10 @@
 //  * Softmax: fp32 online softmax per warp (running max / sum), warps merged per CTA, chunks merged by
 //    decode_combine_kernel exactly as on the CUDA-core path.
 // Work split: grid (chunks, KV heads, batch), 4 warps per CTA; each warp takes 64-position tiles of the
-// chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep cp.async
-// pipeline in shared memory: no CTA barrier inside the loop. Positions [0, E) with
+// chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep pipeline in
+// shared memory: no CTA barrier inside the loop. With blocks of >= 64 tokens (sm_90) a tile is 5
+// contiguous byte ranges of one key and one value block, staged by 5 bulk copies from one lane that
+// complete on the stage's mbarrier; otherwise every lane issues 16-byte cp.async copies. Positions [0, E) with
 // E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the last
 // partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail" mode,
 // into further partial slots.
@@ -128,6 +130,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     float* red = reinterpret_cast<float*>(smem + std::size_t(kTcWarps) * n_stages * st.bytes);  // [W][G][D]
     float* mred = red + kTcWarps * G * D;                                                       // [W][G][4]
     float* mls = mred + kTcWarps * G * 4;                                                       // [W][G][2]
+    // [W][n_stages] stage barriers of the bulk-copy staging (8-byte aligned: everything before it is
+    // a multiple of 8 bytes).
+    std::uint64_t* mbar = reinterpret_cast<std::uint64_t*>(mls + kTcWarps * G * 2) + warp * n_stages;
 
     const int n_tok = __ldg(a.n_tokens + b), k_enc = __ldg(a.k_encoded + b), v_enc = __ldg(a.v_encoded + b);
     const int E = min(n_tok, min(k_enc, v_enc)) & ~15;
@@ -140,6 +145,22 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     const int KB = static_cast<int>(a.key_layout.block_tokens), VB = static_cast<int>(a.value_layout.block_tokens);
     const int ksh = __ffs(KB) - 1, vsh = __ffs(VB) - 1;
     const std::size_t kside = a.key_layout.token_side_offset(), vside = a.value_layout.token_side_offset();
+    // Blocks of >= 64 tokens hold a whole tile (tiles start at multiples of 64: chunks are multiples
+    // of 256), so its codes, norms, value codes, steps and minima are 5 contiguous byte ranges, each
+    // staged by one bulk copy from lane 0 (sm_90). Smaller blocks: per-lane 16-byte cp.async.
+#if defined(KVQ_TC_HAS_BULK_COPY)
+    const bool bulk = KB >= kTcTile && VB >= kTcTile;
+    if (bulk) {
+        if (lane == 0) {
+            for (int i = 0; i < n_stages; ++i) tc::mbar_init(mbar + i, 1);
+            tc::fence_mbar_init();
+        }
+        __syncwarp();
+    }
+#else
+    constexpr bool bulk = false;
+    (void)mbar;
+#endif
 
     // Query planes of the G heads (B operands of the BMMA), the scale and usum.
     const QjlQueryLayout QL = QjlQueryLayout::of(m);
@@ -202,9 +223,32 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
         if (p >= c_end) return 0u;
         return lane < 4 ? __ldg(kpages + (p >> ksh)) : __ldg(vpages + (p >> vsh));
     };
-    auto issue = [&](int k, std::uint32_t pg) {
+    // Stage of tile k = k % n_stages, kept as running counters (no integer division in the loop).
+    auto issue = [&](int k, std::uint32_t pg, int stage) {
+#if defined(KVQ_TC_HAS_BULK_COPY)
+        if (bulk) {
+            const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, 0), vpg = __shfl_sync(0xffffffffu, pg, 4);
+            if (k < my_tiles && lane == 0) {
+                std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
+                const int p0 = tile_pos(k), np = 16 * min(4, (c_end - p0) / 16);
+                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
+                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
+                const int tk = p0 & (KB - 1), tv = p0 & (VB - 1);
+                const unsigned kbytes = np * kcb, nbytes = np * 2, vbytes = np * vcb, sbytes = np * vng * 2;
+                std::uint64_t* bar = mbar + stage;
+                tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
+                tc::mbar_arrive_expect_tx(bar, kbytes + nbytes + vbytes + 2 * sbytes);
+                tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
+                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * 2, nbytes, bar);
+                tc::bulk_g2s(s + st.vc, vb + std::size_t(tv) * vcb, vbytes, bar);
+                tc::bulk_g2s(s + st.vs, vb + vside + std::size_t(tv) * vng * 2, sbytes, bar);
+                tc::bulk_g2s(s + st.vs + kTcTile * vng * 2, vb + vside + std::size_t(VB + tv) * vng * 2, sbytes, bar);
+            }
+            return;
+        }
+#endif
         if (k < my_tiles) {
-            std::uint8_t* s = wsm + std::size_t(k % n_stages) * st.bytes;
+            std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
             const int p0 = tile_pos(k), ns = min(4, (c_end - p0) / 16);
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) {
@@ -229,18 +273,34 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
         }
         tc::cp_async_commit();
     };
-    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k));
+    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
     std::uint32_t pg_next = load_pages(n_stages - 1);
+    int rd_stage = 0, wr_stage = n_stages - 1;  // stages of tiles k and k + n_stages - 1
+    unsigned rd_parity = 0;                     // (k / n_stages) & 1: phase of tile k's stage barrier
 
     for (int k = 0; k < my_tiles; ++k) {
-        if (n_stages == 3)
-            tc::cp_async_wait<1>();
-        else
-            tc::cp_async_wait<0>();
+        bool staged = false;
+#if defined(KVQ_TC_HAS_BULK_COPY)
+        if (bulk) {
+            tc::mbar_wait(mbar + rd_stage, rd_parity);
+            staged = true;
+        }
+#endif
+        if (!staged) {
+            if (n_stages == 3)
+                tc::cp_async_wait<1>();
+            else
+                tc::cp_async_wait<0>();
+        }
         __syncwarp();
-        issue(k + n_stages - 1, pg_next);
+        issue(k + n_stages - 1, pg_next, wr_stage);
         pg_next = load_pages(k + n_stages);
-        const std::uint8_t* s = wsm + std::size_t(k % n_stages) * st.bytes;
+        const std::uint8_t* s = wsm + std::size_t(rd_stage) * st.bytes;
+        wr_stage = rd_stage;  // tile k + n_stages goes where tile k is now
+        if (++rd_stage == n_stages) {
+            rd_stage = 0;
+            rd_parity ^= 1u;
+        }
         const int ns = min(4, (c_end - tile_pos(k)) / 16);
 
         // 1. Scores of the tile's positions (rows g, g + 8 of each step), all heads.
@@ -465,7 +525,8 @@ inline std::size_t tc_smem_bytes(const DecodeAttentionArgs& a, int G) {
     const int vng = a.head_dim / a.value_group;
     const std::size_t sb = TcStage::of(a.qjl_m, a.head_dim, a.value_bits, vng).bytes;
     return std::size_t(kTcWarps) * tc_pick_stages(a) * sb +
-           sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2);
+           sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2) +
+           sizeof(std::uint64_t) * std::size_t(kTcWarps) * tc_pick_stages(a);  // stage barriers
 }
 
 // Whether the tensor-core kernel takes this shape (otherwise the CUDA-core kernel does all).
