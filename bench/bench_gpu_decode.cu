@@ -396,6 +396,20 @@ int main(int argc, char** argv) {
                 rows.push_back(
                     {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
                 if (kvq::cuda::detail::dec_plan(a).tc) {
+                    // The same call with the experimental bulk-copy staging (same workspace).
+                    kvq::cuda::DecodeAttentionArgs ab = a;
+                    ab.tc_bulk_staging = true;
+                    const Timing bt = time_runs(runs, copies, [&](int c) {
+                        ab.key_pool = cs[c].kpool;
+                        ab.value_pool = cs[c].vpool;
+                        ab.key_pages = cs[c].kpages;
+                        ab.value_pages = cs[c].vpages;
+                        kvq::cuda::launch_decode_attention(ab, g_stream, ws, ws_bytes);
+                    });
+                    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                    rows.push_back({name + " [tensor cores, bulk staging]", batch, T, bt, bytes});
+                }
+                if (kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call on the CUDA-core kernel, for comparison.
                     kvq::cuda::DecodeAttentionArgs ac = a;
                     ac.cuda_core_only = true;

@@ -73,6 +73,7 @@ struct DecCase {
     float qscale = 0.4f;  // query entries ~ N(0, qscale^2): larger = sharper attention
     float vscale = 1.f;   // value entries ~ N(0, vscale^2): small values test the weight scaling
     int expect_tc = -1;   // 1 / 0: assert that the tensor-core path is / is not taken
+    bool bulk = false;    // DecodeAttentionArgs::tc_bulk_staging (experimental)
 };
 
 std::string describe(const DecCase& c) {
@@ -82,8 +83,8 @@ std::string describe(const DecCase& c) {
         " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
         " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
         " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
-        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + " q*" + std::to_string(c.qscale) + " v*" +
-        std::to_string(c.vscale) + " lens=";
+        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + (c.bulk ? " bulk" : "") + " q*" + std::to_string(c.qscale) +
+        " v*" + std::to_string(c.vscale) + " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -281,6 +282,7 @@ void run_case(const DecCase& c) {
     KVQ_CUDA_CHECK(cudaMemset(d_out.p, 0xFF, d_out.n * sizeof(float)));  // poison: NaN
 
     kvq::cuda::DecodeAttentionArgs a;
+    a.tc_bulk_staging = c.bulk;
     a.head_dim = d;
     a.n_q_heads = Hq;
     a.n_kv_heads = H;
@@ -510,6 +512,32 @@ TEST(DecodeAttentionGpu, QjlKeysMatchCpu) {
 // it takes, GQA 1/2/4, blocks 16..256, m not a multiple of 256, several chunks and warps per chunk
 // (chunk 256 = one tile per warp), tails with windows and the current token, sharp attention and
 // tiny values (the per-column power-of-two weight scaling), and a shape it must refuse.
+// The tensor-core kernel with bulk-copy staging: the same shapes as TensorCorePathShapes (blocks of
+// 64..256 tokens take the bulk path, 16 and 32 the per-lane copies), partial last tiles, chunk
+// splits, windows and the current token, plus a graph replay.
+TEST(DecodeAttentionGpu, TensorCorePathBulkStaging) {
+    struct S {
+        int d, m, vbits, vgroup, group, B, chunk;
+    };
+    const S shapes[] = {{128, 256, 2, 32, 1, 64, 256}, {128, 256, 2, 32, 1, 64, 0},     {64, 128, 4, 16, 1, 16, 512},
+                        {256, 512, 8, 64, 1, 128, 0},  {256, 256, 2, 128, 2, 256, 256}, {128, 1024, 2, 64, 2, 64, 0},
+                        {64, 64, 8, 64, 4, 64, 256},   {128, 192, 4, 128, 4, 128, 0}};
+    for (const S& sh : shapes) {
+        DecCase c = qjl_case(sh.d, sh.m, sh.vbits, sh.group, {4999, 1, 2048, 64});
+        c.vgroup = sh.vgroup;
+        c.B = sh.B;
+        c.chunk = sh.chunk;
+        c.expect_tc = 1;
+        c.bulk = true;
+        run_case(c);
+    }
+    DecCase g = qjl_case(128, 256, 2, 1, {3000, 77, 640});
+    g.expect_tc = 1;
+    g.bulk = true;
+    g.graph = true;
+    run_case(g);
+}
+
 TEST(DecodeAttentionGpu, TensorCorePathShapes) {
     struct S {
         int d, m, vbits, vgroup, group, B, chunk;

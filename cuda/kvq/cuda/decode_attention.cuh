@@ -98,6 +98,9 @@ struct DecodeAttentionArgs {
     // full-precision windows); -1 = unknown. Only sizes the grid of the tail launch (tensor-core path).
     int max_window_tokens = -1;
     bool cuda_core_only = false;  // skip the tensor-core kernel (A/B comparisons, tests)
+    // Experimental, not yet run on a GPU (off by default): the tensor-core kernel stages its tiles
+    // with sm_90 bulk copies + mbarriers when blocks hold >= 64 tokens (decode_attention_tc.cuh).
+    bool tc_bulk_staging = false;
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).

@@ -22,9 +22,10 @@
 //    decode_combine_kernel exactly as on the CUDA-core path.
 // Work split: grid (chunks, KV heads, batch), 4 warps per CTA; each warp takes 64-position tiles of the
 // chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep pipeline in
-// shared memory: no CTA barrier inside the loop. With blocks of >= 64 tokens (sm_90) a tile is 5
-// contiguous byte ranges of one key and one value block, staged by 5 bulk copies from one lane that
-// complete on the stage's mbarrier; otherwise every lane issues 16-byte cp.async copies. Positions [0, E) with
+// shared memory: no CTA barrier inside the loop. Every lane issues 16-byte cp.async copies; with
+// tc_bulk_staging (experimental, off by default: not yet run on a GPU), sm_90 and blocks of >= 64
+// tokens, a tile is 5 contiguous byte ranges of one key and one value block instead, staged by 5 bulk
+// copies from one lane that complete on the stage's mbarrier. Positions [0, E) with
 // E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the last
 // partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail" mode,
 // into further partial slots.
@@ -149,7 +150,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     // of 256), so its codes, norms, value codes, steps and minima are 5 contiguous byte ranges, each
     // staged by one bulk copy from lane 0 (sm_90). Smaller blocks: per-lane 16-byte cp.async.
 #if defined(KVQ_TC_HAS_BULK_COPY)
-    const bool bulk = KB >= kTcTile && VB >= kTcTile;
+    const bool bulk = a.tc_bulk_staging && KB >= kTcTile && VB >= kTcTile;
     if (bulk) {
         if (lane == 0) {
             for (int i = 0; i < n_stages; ++i) tc::mbar_init(mbar + i, 1);
