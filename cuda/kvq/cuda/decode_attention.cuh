@@ -13,9 +13,19 @@
 // may differ, as in kvq::KvCache). With cur_k/cur_v set, position n_tokens[b] is the exact current
 // token (past-only decode).
 //
+// QJL scores use the int8-quantized projection of the query (qjl_query.cuh), the arithmetic of the
+// CPU decode scorer (QjlKeyCodec::prepare_fast, used by kvq::attend), so that GPU and CPU decode
+// agree to fp32 rounding; against the exact estimator that adds at most sqrt(pi/2)/m ||k|| m s / 2
+// to a score (s: the query's int8 step).
+//
 // Launches on the caller's stream (no host synchronisation, no stream creation, every launch
 // checked; capturable in a CUDA graph):
-//  0. (QJL keys) qjl_project_kernel from qjl_score.cuh: S q for every (sequence, query head).
+//  0. (QJL keys) qjl_project_kernel from qjl_score.cuh: S q for every (sequence, query head), then
+//     qjl_quantize_query_kernel: its int8 record.
+//  1a. When detail::tc_supported() (QJL keys, int2/4/8 values, G <= 4, see decode_attention_tc.cuh;
+//     DecodeAttentionArgs::cuda_core_only turns it off): decode_tc_kernel on tensor cores over the
+//     encoded positions [0, E), E = min(k_encoded, v_encoded, n_tokens) rounded down to 16; the
+//     CUDA-core kernel below then does only the rest (windows, current token) in "tail" mode.
 //  1. decode_partial_kernel, grid (chunks, KV heads, batch), 256 threads: split-K over the sequence.
 //     A CTA takes a chunk of positions and GT query heads of one KV head (all G heads of the group
 //     share one read of the codes when G <= 8). Tiles of 256 positions: one thread per position
