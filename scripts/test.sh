@@ -108,10 +108,14 @@ if [[ "$RUN_GPU" == 1 ]]; then
 fi
 
 # ---- 2. ASan + UBSan ------------------------------------------------------------------------
+# -O1 -g1 (line tables: symbolised ASan/UBSan stacks) instead of RelWithDebInfo's -O2 -g: the
+# sanitized build compiles ~2.4x faster (87 s -> 37 s for test_method_spec.cpp on the 2-core VM),
+# which keeps CI well under its 30-minute budget.
 log "configure build-asan (KVQ_SANITIZE=ON)"
 fresh_if_generator_changed build-asan
 cmake -S . -B build-asan "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG" \
     -DKVQ_BUILD_TESTS=ON -DKVQ_BUILD_BENCH=OFF -DKVQ_BUILD_EXAMPLES=OFF \
     -DKVQ_ENABLE_CUDA=OFF -DKVQ_SANITIZE=ON
 log "build build-asan (kvq_tests)"
