@@ -106,13 +106,17 @@ int main(int argc, char** argv) {
         int kind;  // 0 QJL, 1 token-wise, 2 WKV
         const kvq::Codec* codec;
         bool f32;
+        bool reciprocal = false;  // token-wise: TokenwiseEncodeArgs::reciprocal_codes
     };
     const std::vector<Path> paths = {{"QJL m=256 (fp16 in)", 0, &qjl, false},
                                      {"QJL m=256 (fp32 in)", 0, &qjl, true},
                                      {"QJL m=256, 8 outliers m_o=256 (fp16 in)", 0, &qjlo, false},
                                      {"int2 g32 values (fp16 in)", 1, &int2, false},
+                                     {"int2 g32 values (fp16 in), reciprocal codes", 1, &int2, false, true},
                                      {"int4 g32 (fp16 in)", 1, &int4, false},
-                                     {"WKV int4 g128 + smoothing (fp16 in)", 2, &wkv4, false}};
+                                     {"int4 g32 (fp16 in), reciprocal codes", 1, &int4, false, true},
+                                     {"WKV int4 g128 + smoothing (fp16 in)", 2, &wkv4, false},
+                                     {"WKV int4 g128 + smoothing (fp16 in), reciprocal codes", 2, &wkv4, false, true}};
     std::vector<Row> rows;
     for (int batch : {1, 8})
         for (int T : {4096, 16384, 65536}) {
@@ -182,6 +186,7 @@ int main(int argc, char** argv) {
                     a.x_type = kvq::cuda::QueryType::F16;
                     a.pos0 = d_pos0;
                     a.page_stride = pages;
+                    a.reciprocal_codes = p.reciprocal;
                     if (p.kind == 2) {
                         a.shift = d_shift;
                         a.scale = d_scale;

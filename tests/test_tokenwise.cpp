@@ -106,4 +106,74 @@ TEST(Tokenwise, RejectsNonFiniteAndOutOfRangeInput) {
     EXPECT_THROW(c.validate(x.data(), 1), kvq::Error);
 }
 
+// tokenwise_code_by_reciprocal (the GPU encode's fast path) against the division formula of
+// tokenwise_quantize_group: wherever it answers (not -1) it must give the same code, for a
+// correctly rounded reciprocal and for reciprocals 1 ulp off either way (hardware approximations).
+int code_by_division(float u, float step, int levels) {
+    const float v = floorf(u / step + 0.5f);
+    return v < 0.0f ? 0 : (v > static_cast<float>(levels) ? levels : static_cast<int>(v));
+}
+
+TEST(Tokenwise, ReciprocalCodeEqualsDivisionWhereItAnswers) {
+    std::mt19937_64 rng(77);
+    std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+    std::uniform_int_distribution<int> exp_d(-24, 10);
+    long long checked = 0, boundary_answered = 0;
+    for (int bits : {2, 4, 8}) {
+        const int levels = (1 << bits) - 1;
+        for (int trial = 0; trial < 20000; ++trial) {
+            // fp16 steps from the subnormal minimum 2^-24 up to ~2^11.
+            const float step = kvq::round_to_half(std::ldexp(1.0f + unit(rng), exp_d(rng)));
+            ASSERT_GT(step, 0.0f);
+            const float r0 = 1.0f / step;
+            const float rs[3] = {r0, std::nextafter(r0, 0.0f), std::nextafter(r0, INFINITY)};
+            std::vector<float> us;
+            for (int i = 0; i < 8; ++i) us.push_back((unit(rng) * (levels + 4) - 2) * step);
+            // Rounding boundaries u / step = n - 1/2 and the floats next to them.
+            const int n = static_cast<int>(unit(rng) * (levels + 2)) - 1;
+            float ub = (static_cast<float>(n) - 0.5f) * step;
+            for (int k = 0; k < 4; ++k) ub = std::nextafter(ub, -INFINITY);
+            for (int k = 0; k < 9; ++k, ub = std::nextafter(ub, INFINITY)) us.push_back(ub);
+            us.push_back(1e30f);
+            us.push_back(-1e30f);
+            us.push_back(0.0f);
+            us.push_back(INFINITY);
+            us.push_back(-INFINITY);
+            for (float u : us)
+                for (float r : rs) {
+                    const int fast = kvq::tokenwise_code_by_reciprocal(u, r, levels);
+                    if (fast < 0) continue;
+                    ++checked;
+                    ASSERT_EQ(fast, code_by_division(u, step, levels))
+                        << "u " << u << " step " << step << " r " << r << " levels " << levels;
+                }
+            // A value exactly on a boundary must never be answered from the reciprocal.
+            const float on = (static_cast<float>(n) - 0.5f) * step;
+            if (on / step == static_cast<float>(n) - 0.5f && kvq::tokenwise_code_by_reciprocal(on, r0, levels) >= 0 &&
+                n >= 1 && n <= levels)
+                ++boundary_answered;
+        }
+    }
+    EXPECT_GT(checked, 1000000);
+    EXPECT_EQ(boundary_answered, 0);
+}
+
+TEST(Tokenwise, ReciprocalCodeFallsBackRarely) {
+    // For values spread uniformly over the code range the fraction of u * r + 1/2 is uniform, so the
+    // fallback window (2^-12 on either side of an integer) catches p = 2^-11 of them. Tolerance:
+    // 5 binomial standard errors.
+    std::mt19937_64 rng(5);
+    std::uniform_real_distribution<float> unit(0.0f, 1.0f);
+    const int N = 1 << 22;
+    long long fallbacks = 0;
+    for (int i = 0; i < N; ++i) {
+        const int levels = (i & 1) ? 15 : 3;
+        const float step = kvq::round_to_half(0.01f + unit(rng));
+        const float u = unit(rng) * levels * step;
+        fallbacks += kvq::tokenwise_code_by_reciprocal(u, 1.0f / step, levels) < 0;
+    }
+    const double p = std::ldexp(1.0, -11), se = std::sqrt(p * (1 - p) / N);
+    EXPECT_NEAR(double(fallbacks) / N, p, 5 * se);
+}
+
 }  // namespace

@@ -52,6 +52,8 @@ struct EncCase {
     // token-wise
     int bits = 4, group = 32;
     bool wkv = false;
+    bool reciprocal = false;  // TokenwiseEncodeArgs::reciprocal_codes
+    bool ties = false;        // token-wise inputs on a half-step grid: every code a rounding tie
     std::uint32_t seed = 1;
 };
 
@@ -75,6 +77,18 @@ Setup make_setup(const EncCase& c, const kvq::BlockLayout& l) {
     for (int ch = 0; ch < c.d; ++ch) chs[ch] = (ch % 17 == 3) ? 8.f : 0.5f + float(ch % 5) * 0.3f;  // outlier channels
     for (std::size_t r = 0; r < rows; ++r)
         for (int ch = 0; ch < c.d; ++ch) s.x[r * c.d + ch] = nd(rng) * chs[ch] + 0.25f;
+    if (c.ties) {
+        // Per group: minimum 0 and maximum 2^b - 1 (so step = 1 exactly), the rest on the grid of
+        // halves in between: (x - min) / step lands exactly between two codes, the case where the
+        // reciprocal path must fall back to the division.
+        const int levels = (1 << c.bits) - 1;
+        std::uniform_int_distribution<int> half_steps(0, 2 * levels);
+        for (std::size_t r = 0; r < rows; ++r)
+            for (int ch = 0; ch < c.d; ++ch) {
+                const int in_group = ch % c.group;
+                s.x[r * c.d + ch] = in_group == 0 ? 0.f : in_group == 1 ? float(levels) : 0.5f * half_steps(rng);
+            }
+    }
     if (c.f16) {
         s.xh.resize(s.x.size());
         for (std::size_t i = 0; i < s.x.size(); ++i) {
@@ -284,6 +298,7 @@ void run_tokenwise(const EncCase& c) {
     kvq::cuda::TokenwiseEncodeArgs a;
     fill_target(a, c, s, c.f16 ? static_cast<const void*>(dxh.p) : dx.p, dpos.p, dpool.p, dpages.p);
     kvq::cuda::set_tokenwise_codec(a, codec, c.B);
+    a.reciprocal_codes = c.reciprocal;
     if (c.wkv) {
         a.shift = dshift.p;
         a.scale = dscale.p;
@@ -301,51 +316,77 @@ void run_tokenwise(const EncCase& c) {
 
 }  // namespace
 
+// Both kernels: the division one (default) and the reciprocal one (reciprocal_codes).
 TEST(GpuEncode, TokenwiseMatchesCpuBytes) {
-    for (int d : {64, 128, 256})
+    for (bool reciprocal : {false, true})
+        for (int d : {64, 128, 256})
+            for (int bits : {2, 4, 8})
+                for (int group : {d / 32, 32, d})
+                    for (bool f16 : {false, true}) {
+                        EncCase c;
+                        c.d = d;
+                        c.bits = bits;
+                        c.group = group;
+                        c.f16 = f16;
+                        c.reciprocal = reciprocal;
+                        c.H = 3;
+                        c.batch = 2;
+                        c.n = 37;
+                        c.B = 16;
+                        c.pos0 = {5, 16};
+                        c.seed = d * 100 + bits * 10 + group + f16;
+                        SCOPED_TRACE(testing::Message() << "reciprocal " << reciprocal << " d " << d << " bits " << bits
+                                                        << " group " << group << " f16 " << f16);
+                        run_tokenwise(c);
+                    }
+}
+
+TEST(GpuEncode, TokenwiseRoundingTiesMatchCpuBytes) {
+    for (bool reciprocal : {false, true})
         for (int bits : {2, 4, 8})
-            for (int group : {d / 32, 32, d})
-                for (bool f16 : {false, true}) {
-                    EncCase c;
-                    c.d = d;
-                    c.bits = bits;
-                    c.group = group;
-                    c.f16 = f16;
-                    c.H = 3;
-                    c.batch = 2;
-                    c.n = 37;
-                    c.B = 16;
-                    c.pos0 = {5, 16};
-                    c.seed = d * 100 + bits * 10 + group + f16;
-                    SCOPED_TRACE(testing::Message()
-                                 << "d " << d << " bits " << bits << " group " << group << " f16 " << f16);
-                    run_tokenwise(c);
-                }
+            for (int group : {4, 32, 128}) {
+                EncCase c;
+                c.bits = bits;
+                c.group = group;
+                c.ties = true;
+                c.f16 = bits != 4;  // both input types (halves up to 255 are fp16-exact)
+                c.reciprocal = reciprocal;
+                c.H = 2;
+                c.n = 40;
+                c.seed = 300 + bits + group;
+                SCOPED_TRACE(testing::Message()
+                             << "reciprocal " << reciprocal << " bits " << bits << " group " << group);
+                run_tokenwise(c);
+            }
 }
 
 TEST(GpuEncode, WkvSmoothedMatchesCpuBytes) {
-    for (int bits : {2, 4, 8})
-        for (bool f16 : {false, true}) {
-            EncCase c;
-            c.bits = bits;
-            c.group = 128;
-            c.wkv = true;
-            c.f16 = f16;
-            c.H = 4;
-            c.batch = 3;
-            c.n = 100;
-            c.pos0 = {0, 63, 130};
-            c.seed = 7 + bits;
-            SCOPED_TRACE(testing::Message() << "bits " << bits << " f16 " << f16);
-            run_tokenwise(c);
-        }
-    EncCase c;  // decode step: one token per sequence
-    c.wkv = true;
-    c.group = 128;
-    c.n = 1;
-    c.batch = 4;
-    c.pos0 = {0, 1, 63, 64};
-    run_tokenwise(c);
+    for (bool reciprocal : {false, true}) {
+        for (int bits : {2, 4, 8})
+            for (bool f16 : {false, true}) {
+                EncCase c;
+                c.bits = bits;
+                c.group = 128;
+                c.wkv = true;
+                c.f16 = f16;
+                c.reciprocal = reciprocal;
+                c.H = 4;
+                c.batch = 3;
+                c.n = 100;
+                c.pos0 = {0, 63, 130};
+                c.seed = 7 + bits;
+                SCOPED_TRACE(testing::Message() << "reciprocal " << reciprocal << " bits " << bits << " f16 " << f16);
+                run_tokenwise(c);
+            }
+        EncCase c;  // decode step: one token per sequence
+        c.wkv = true;
+        c.group = 128;
+        c.n = 1;
+        c.batch = 4;
+        c.pos0 = {0, 1, 63, 64};
+        c.reciprocal = reciprocal;
+        run_tokenwise(c);
+    }
 }
 
 TEST(GpuEncode, QjlMatchesCpuBytes) {
