@@ -38,137 +38,15 @@
 #include <string>
 #include <type_traits>
 
-#include "kvq/core/half.hpp"
-#include "kvq/cuda/check.cuh"
-#include "kvq/cuda/qjl_score.cuh"
-#include "kvq/quant/codec.hpp"
-#include "kvq/quant/tokenwise_codec.hpp"
+#include "kvq/cuda/encode_common.cuh"
+#include "kvq/cuda/mma.cuh"
 
 namespace kvq::cuda {
-
-struct EncodeTarget {
-    int head_dim = 0;  // 64, 128 or 256
-    int n_kv_heads = 0;
-    int batch = 0;
-    int n_tokens = 0;                   // tokens per sequence in this call
-    const void* x = nullptr;            // device, see the header comment
-    QueryType x_type = QueryType::F32;  // fp32 or fp16 elements
-    std::int64_t x_token_stride = 0;    // elements between tokens; 0 -> n_kv_heads * head_dim
-    std::int64_t x_batch_stride = 0;    // elements between sequences; 0 -> n_tokens * token stride
-    const int* pos0 = nullptr;          // device [batch]: first stream position written
-    BlockLayout layout{};
-    std::uint8_t* pool = nullptr;  // block p at pool + p * block_bytes
-    std::size_t block_bytes = 0;
-    const std::uint32_t* pages = nullptr;  // [batch][n_kv_heads][page_stride]
-    std::int64_t page_stride = 0;
-};
-
-struct TokenwiseEncodeArgs : EncodeTarget {
-    int bits = 0, group = 0;
-    // Optional WKV static smoothing of this layer, device [n_kv_heads][head_dim] each (both or none).
-    const float* shift = nullptr;
-    const float* scale = nullptr;
-    // Experimental until it has run on a GPU (docs/CUDA.md): the same bytes from a kernel that codes
-    // by reciprocal with an exact fallback and takes 8 rows per warp (~4x fewer instructions).
-    bool reciprocal_codes = false;
-};
-
-struct QjlEncodeArgs : EncodeTarget {
-    int m = 0, m_outlier = 0, outliers = 0, sketch_rows = 0;
-    const float* sketch = nullptr;  // device [sketch_rows][head_dim] (QjlKeyCodec::sketch())
-};
-
-template <class TokCodec>
-void set_tokenwise_codec(TokenwiseEncodeArgs& a, const TokCodec& c, int block_tokens) {
-    a.head_dim = c.params().head_dim;
-    a.bits = c.params().bits;
-    a.group = c.params().group;
-    a.layout = c.layout(block_tokens);
-    if (a.block_bytes == 0) a.block_bytes = a.layout.bytes();
-}
-template <class QjlCodec>
-void set_qjl_codec(QjlEncodeArgs& a, const QjlCodec& c, int block_tokens) {
-    a.head_dim = c.head_dim();
-    a.m = c.params().m;
-    a.m_outlier = c.outlier_bits();
-    a.outliers = c.params().outliers;
-    a.sketch_rows = c.sketch_rows();
-    a.layout = c.layout(block_tokens);
-    if (a.block_bytes == 0) a.block_bytes = a.layout.bytes();
-}
-
 namespace detail {
-
-inline CheckResult enc_check_target(const EncodeTarget& a, const char* who) {
-    auto fail = [&](std::string msg) { return CheckResult{false, std::string(who) + ": " + std::move(msg)}; };
-    const int d = a.head_dim;
-    if (d != 64 && d != 128 && d != 256) return fail("head_dim must be 64, 128 or 256, got " + std::to_string(d));
-    if (a.n_kv_heads <= 0 || a.n_kv_heads > 65535) return fail("n_kv_heads must be in [1, 65535]");
-    if (a.batch <= 0 || a.batch > 65535) return fail("batch must be in [1, 65535]");
-    if (a.n_tokens < 0 || a.n_tokens > (1 << 26)) return fail("n_tokens must be in [0, 2^26]");
-    const std::int64_t ts = a.x_token_stride ? a.x_token_stride : std::int64_t(a.n_kv_heads) * d;
-    if (ts < std::int64_t(a.n_kv_heads) * d || ts % 8 != 0)
-        return fail("x_token_stride must be 0 or a multiple of 8 of at least n_kv_heads * head_dim");
-    if (a.x_batch_stride != 0 && (a.x_batch_stride < ts * a.n_tokens || a.x_batch_stride % 8 != 0))
-        return fail("x_batch_stride must be 0 or a multiple of 8 of at least n_tokens * token stride");
-    const std::uint32_t B = a.layout.block_tokens;
-    if (B == 0 || (B & (B - 1)) != 0) return fail("layout.block_tokens must be a power of two");
-    if (a.block_bytes < a.layout.bytes() || a.block_bytes % 16 != 0)
-        return fail("block_bytes must be a multiple of 16 and at least layout.bytes()");
-    if (a.page_stride < 0) return fail("page_stride must be >= 0");
-    if (a.n_tokens > 0 && (!a.x || !a.pos0 || !a.pool || !a.pages)) return fail("x, pos0, pool and pages must be set");
-    if (reinterpret_cast<std::uintptr_t>(a.pool) % 16 != 0 || reinterpret_cast<std::uintptr_t>(a.x) % 16 != 0)
-        return fail("pool and x must be 16-byte aligned");
-    return {};
-}
-
-struct EncRow {
-    std::uint8_t* blk;
-    int tok;
-};
-
-__device__ __forceinline__ EncRow enc_row(const EncodeTarget& a, int b, int t, int h) {
-    const int pos = __ldg(a.pos0 + b) + t;
-    const int B = static_cast<int>(a.layout.block_tokens), sh = __ffs(B) - 1;
-    const std::uint32_t page = __ldg(a.pages + (std::size_t(b) * a.n_kv_heads + h) * a.page_stride + (pos >> sh));
-    return EncRow{a.pool + std::size_t(page) * a.block_bytes, pos & (B - 1)};
-}
-
-template <int CPL>
-__device__ __forceinline__ void enc_load(const EncodeTarget& a, std::size_t off, float v[CPL]) {
-    if (a.x_type == QueryType::F32) {
-        const float* p = static_cast<const float*>(a.x) + off;
-#pragma unroll
-        for (int i = 0; i < CPL; i += 2) {
-            const float2 f = __ldg(reinterpret_cast<const float2*>(p + i));
-            v[i] = f.x;
-            v[i + 1] = f.y;
-        }
-    } else {
-        const __half* p = static_cast<const __half*>(a.x) + off;
-#pragma unroll
-        for (int i = 0; i < CPL; i += 2) {
-            const __half2 f = __ldg(reinterpret_cast<const __half2*>(p + i));
-            v[i] = __low2float(f);
-            v[i + 1] = __high2float(f);
-        }
-    }
-}
-
-__device__ __forceinline__ std::size_t enc_x_offset(const EncodeTarget& a, int b, int t, int h) {
-    const std::int64_t ts = a.x_token_stride ? a.x_token_stride : std::int64_t(a.n_kv_heads) * a.head_dim;
-    const std::int64_t bs = a.x_batch_stride ? a.x_batch_stride : ts * a.n_tokens;
-    return std::size_t(b) * bs + std::size_t(t) * ts + std::size_t(h) * a.head_dim;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Token-wise encode: one warp per (sequence, token, KV head) row, lane owns CPL = d/32 channels.
 inline constexpr int kTwRowsPerWarp = 4;
-
-// fp32 -> fp16 bits, round to nearest even: the hardware conversion, bit-identical to
-// kvq::float_to_half for every finite input (inputs are validated finite).
-__device__ __forceinline__ half_t enc_f2h(float f) { return half_t{__half_as_ushort(__float2half_rn(f))}; }
-__device__ __forceinline__ float enc_h2f(half_t h) { return __half2float(__ushort_as_half(h.bits)); }
 
 template <int CPL, int BITS>
 __global__ void __launch_bounds__(256) tw_encode_kernel(TokenwiseEncodeArgs a) {
@@ -435,14 +313,6 @@ inline constexpr int kQjlEncRows = 64;
 // C is twice the sum of those terms (d = 128: |error| <= 1.6e-5 ||k'|| ||S_j|| against ~1e-6 typical).
 __device__ __forceinline__ float qjl_enc_coef(int d) { return (3.0f * d / 16.0f + 8.0f) * 4.76837158203125e-07f; }
 
-__device__ __forceinline__ void mma16816(float c[4], const unsigned a[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ unsigned pack_half2(__half lo, __half hi) {
     return static_cast<unsigned>(__half_as_ushort(lo)) | (static_cast<unsigned>(__half_as_ushort(hi)) << 16);
 }
@@ -463,13 +333,6 @@ __device__ __forceinline__ unsigned qjl_exact_sign(const QjlEncodeArgs& a, std::
     }
     return s > 0.0 ? 1u : 0u;
 }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 inline constexpr int kQjlEncCheckMax = 512;  // near-zero rechecks queued per tile (more: done in place)
 
@@ -627,19 +490,19 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
             if (h < H && t < a.n_tokens) {
                 const std::uint8_t* src =
                     static_cast<const std::uint8_t*>(a.x) + enc_x_offset(a, b, t, h) * L::ESZ + k * 16;
-                cp_async16(dst, src);
+                tc::cp_async16(dst, src);
             } else {
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
             }
         }
-        cp_async_commit();
+        tc::cp_async_commit();
     };
 
     prefetch(blockIdx.x);
     for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
         int b, tg, hp;
         coords(tile, b, tg, hp);
-        cp_async_wait_all();
+        tc::cp_async_wait<0>();
         __syncthreads();  // raw is complete; the previous tile's smem readers are done
         if (tid < RT) {   // row targets (page lookups) in parallel
             const int h = hp * 2 + tid / 32, t = tg * 32 + tid % 32;
@@ -871,9 +734,9 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                     }
 #pragma unroll
                     for (int nt = 0; nt < NT; ++nt) {
-                        mma16816(acc[nt], ah, bl[ks][nt][0], bl[ks][nt][1]);
-                        if (!F16IN) mma16816(acc[nt], al, bh[ks][nt][0], bh[ks][nt][1]);
-                        mma16816(acc[nt], ah, bh[ks][nt][0], bh[ks][nt][1]);
+                        tc::mma_m16n8k16_f16(acc[nt], ah, bl[ks][nt]);
+                        if (!F16IN) tc::mma_m16n8k16_f16(acc[nt], al, bh[ks][nt]);
+                        tc::mma_m16n8k16_f16(acc[nt], ah, bh[ks][nt]);
                     }
                 }
                 // Signs; near-zero ones are queued for an exact recheck.
@@ -949,7 +812,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                 *reinterpret_cast<std::uint16_t*>(dst) = static_cast<std::uint16_t>(codes[i]);
         }
     }
-    cp_async_wait_all();
+    tc::cp_async_wait<0>();
 }
 
 inline std::size_t qjl_enc_smem_bytes(int d, bool f16in, int outliers) {
