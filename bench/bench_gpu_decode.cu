@@ -396,9 +396,9 @@ int main(int argc, char** argv) {
                 rows.push_back(
                     {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
                 if (kvq::cuda::detail::dec_plan(a).tc) {
-                    // The same call with the experimental bulk-copy staging (same workspace).
+                    // The same call with per-lane cp.async staging instead of bulk copies (same workspace).
                     kvq::cuda::DecodeAttentionArgs ab = a;
-                    ab.tc_bulk_staging = true;
+                    ab.tc_bulk_staging = false;
                     const Timing bt = time_runs(runs, copies, [&](int c) {
                         ab.key_pool = cs[c].kpool;
                         ab.value_pool = cs[c].vpool;
@@ -407,7 +407,7 @@ int main(int argc, char** argv) {
                         kvq::cuda::launch_decode_attention(ab, g_stream, ws, ws_bytes);
                     });
                     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
-                    rows.push_back({name + " [tensor cores, bulk staging]", batch, T, bt, bytes});
+                    rows.push_back({name + " [tensor cores, per-lane cp.async]", batch, T, bt, bytes});
                 }
                 if (kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call on the CUDA-core kernel, for comparison.

@@ -73,7 +73,7 @@ struct DecCase {
     float qscale = 0.4f;  // query entries ~ N(0, qscale^2): larger = sharper attention
     float vscale = 1.f;   // value entries ~ N(0, vscale^2): small values test the weight scaling
     int expect_tc = -1;   // 1 / 0: assert that the tensor-core path is / is not taken
-    bool bulk = false;    // DecodeAttentionArgs::tc_bulk_staging (experimental)
+    bool bulk = false;    // DecodeAttentionArgs::tc_bulk_staging (the library's default is true)
 };
 
 std::string describe(const DecCase& c) {

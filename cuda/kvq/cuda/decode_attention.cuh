@@ -108,9 +108,10 @@ struct DecodeAttentionArgs {
     // full-precision windows); -1 = unknown. Only sizes the grid of the tail launch (tensor-core path).
     int max_window_tokens = -1;
     bool cuda_core_only = false;  // skip the tensor-core kernel (A/B comparisons, tests)
-    // Experimental, not yet run on a GPU (off by default): the tensor-core kernel stages its tiles
-    // with sm_90 bulk copies + mbarriers when blocks hold >= 64 tokens (decode_attention_tc.cuh).
-    bool tc_bulk_staging = false;
+    // The tensor-core kernel stages its tiles with sm_90 bulk copies + mbarriers when blocks hold >= 64
+    // tokens (decode_attention_tc.cuh); false: per-lane 16-byte cp.async (A/B comparisons, tests).
+    // Bulk staging is 1.16x faster at 64k tokens, batch 1, and 1.29x at batch 8 (H100, bench/RESULTS.md).
+    bool tc_bulk_staging = true;
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).

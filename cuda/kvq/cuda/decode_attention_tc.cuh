@@ -23,9 +23,9 @@
 // Work split: grid (chunks, KV heads, batch), 4 warps per CTA; each warp takes 64-position tiles of the
 // chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep pipeline in
 // shared memory: no CTA barrier inside the loop. Every lane issues 16-byte cp.async copies; with
-// tc_bulk_staging (experimental, off by default: not yet run on a GPU), sm_90 and blocks of >= 64
+// with tc_bulk_staging (on by default), sm_90 and blocks of >= 64
 // tokens, a tile is 5 contiguous byte ranges of one key and one value block instead, staged by 5 bulk
-// copies from one lane that complete on the stage's mbarrier. Positions [0, E) with
+// copies from one lane that complete on the stage's mbarrier (the default, tc_bulk_staging). Positions [0, E) with
 // E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the last
 // partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail" mode,
 // into further partial slots.
