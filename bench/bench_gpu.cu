@@ -2,7 +2,9 @@
 // memory floor and against cuBLAS fp16 q.K^T on the same tokens. Plain main() with CUDA events:
 //   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas]
 // Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores),
-// "exact" = exact_query = true (fp32 nibble tables), "exact+8o" = 8 outliers (always exact).
+// "tc-pipelined" = the same scores through the opt-in fused query preparation + pipelined bulk-copy
+// kernel (QjlScoreArgs::tc_pipelined), "exact" = exact_query = true (fp32 nibble tables),
+// "exact+8o" = 8 outliers (always exact).
 // For each shape: median of N (default 50) warmed-up runs, each run on the next of several copies
 // of the inputs so that the working set exceeds the L2 cache (50 MB) where memory allows.
 // Bytes counted (the floor): codes + norms + outlier ids (whole blocks) + page table + query +
@@ -221,13 +223,14 @@ int main(int argc, char** argv) {
             struct Variant {
                 const char* path;
                 bool exact;
+                bool legacy;
                 Timing t;
             };
             std::vector<Variant> variants;
             if (outliers == 0)
-                variants = {{"tc", false, {}}, {"exact", true, {}}};
+                variants = {{"tc", false, true, {}}, {"tc-pipelined", false, false, {}}, {"exact", true, false, {}}};
             else
-                variants = {{"exact+8o", true, {}}};
+                variants = {{"exact+8o", true, false, {}}};
             for (Variant& v : variants) {
                 kvq::cuda::QjlScoreArgs a;
                 kvq::cuda::set_qjl_codec(a, codec, B);
@@ -242,6 +245,7 @@ int main(int argc, char** argv) {
                 a.pages = cs[0].pages;
                 a.scores = cs[0].scores;
                 a.exact_query = v.exact;
+                a.tc_pipelined = !v.legacy;
                 const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
                 void* ws;
                 KVQ_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
@@ -316,7 +320,8 @@ int main(int argc, char** argv) {
         "QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
         "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
         "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n"
-        "path: tc = int8 bit-sliced query on tensor cores (default), exact = exact_query, exact+8o = 8 outliers.\n\n");
+        "path: tc = int8 bit-sliced query on tensor cores (default: project, quantize, BMMA kernel),\n"
+        "tc-pipelined = the same through QjlScoreArgs::tc_pipelined, exact = exact_query, exact+8o = 8 outliers.\n\n");
     std::printf(
         "| path | outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | "
         "cuBLAS graph us | cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
@@ -338,14 +343,14 @@ int main(int argc, char** argv) {
     }
     // Compact summary: graph us and % of copy bandwidth per path, one line per T.
     std::printf("\ncompact (graph us / %% copy; copy %.0f GB/s):\n", copy_gbs);
-    std::printf("%8s %18s %18s %18s %14s\n", "T", "tc", "exact", "exact+8o", "cuBLAS fp16");
+    std::printf("%8s %18s %18s %18s %18s %14s\n", "T", "tc", "tc-pipelined", "exact", "exact+8o", "cuBLAS fp16");
     std::vector<int> Ts;
     for (const Row& r : rows)
         if (std::find(Ts.begin(), Ts.end(), r.T) == Ts.end()) Ts.push_back(r.T);
     for (int T : Ts) {
         std::printf("%8d", T);
         double blas_us = 0;
-        for (const char* path : {"tc", "exact", "exact+8o"}) {
+        for (const char* path : {"tc", "tc-pipelined", "exact", "exact+8o"}) {
             const Row* f = nullptr;
             for (const Row& r : rows)
                 if (r.T == T && !std::strcmp(r.path, path)) f = &r;

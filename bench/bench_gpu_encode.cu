@@ -1,9 +1,10 @@
 // GPU benchmark: encode of keys/values straight into paged blocks (cuda/kvq/cuda/encode.cuh).
 //   kvq-bench-gpu-encode [--runs N] [--batch B] [--tokens T]   (default: batch 1 and 8, all T)
 // H_kv = 32, d = 128, block 64 tokens, batch 1 and 8, T in {4096, 16384, 65536} tokens per sequence
-// appended at once (prefill), pages shuffled. Paths: QJL m = 256 keys (fp16 and fp32 input), QJL
-// m = 256 with 8 outliers (m_o = 256), token-wise int2 g32 (QJL's values) and int4 g32, WKV int4
-// g128 with the static smoothing. Bytes = input read + whole blocks written + page table. fp16
+// appended at once (prefill), pages shuffled. Paths: QJL m = 256 keys (fp16 and fp32 input; fp16
+// also through the previous kernel, QjlEncodeArgs::legacy_kernel), QJL m = 256 with 8 outliers
+// (m_o = 256), token-wise int2 g32 (QJL's values) and int4 g32, WKV int4 g128 with the static
+// smoothing. Bytes = input read + whole blocks written + page table. fp16
 // baseline in the same binary: appending the same tokens to an fp16 cache is a copy of the fp16
 // input (cudaMemcpyAsync, read + write counted). Median of N warmed-up runs (CUDA events); "graph
 // us" replays all runs from one CUDA graph; inputs and pools rotate over copies (> 200 MB).
@@ -107,8 +108,10 @@ int main(int argc, char** argv) {
         const kvq::Codec* codec;
         bool f32;
         bool reciprocal = false;  // token-wise: TokenwiseEncodeArgs::reciprocal_codes
+        bool legacy = false;      // QJL: QjlEncodeArgs::legacy_kernel (the previous kernel, for comparison)
     };
     const std::vector<Path> paths = {{"QJL m=256 (fp16 in)", 0, &qjl, false},
+                                     {"QJL m=256 (fp16 in), legacy kernel", 0, &qjl, false, false, true},
                                      {"QJL m=256 (fp32 in)", 0, &qjl, true},
                                      {"QJL m=256, 8 outliers m_o=256 (fp16 in)", 0, &qjlo, false},
                                      {"int2 g32 values (fp16 in)", 1, &int2, false},
@@ -171,6 +174,7 @@ int main(int argc, char** argv) {
                     a.pos0 = d_pos0;
                     a.page_stride = pages;
                     a.sketch = d_sketch;
+                    a.legacy_kernel = p.legacy;
                     t = kvq_bench::time_runs(stream, runs, copies, [&](int c) {
                         a.x = cs[c].x;
                         a.pool = cs[c].pool;

@@ -49,6 +49,8 @@ struct EncCase {
     int m = 256, mo = 0, ko = 0;
     kvq::SketchKind sketch = kvq::SketchKind::BlockOrthogonal;
     bool adversarial = false;  // keys = sketch rows: many projections at float rounding of zero
+    bool legacy = false;       // QjlEncodeArgs::legacy_kernel
+    bool norm_ties = false;    // rows whose norm is an fp16 rounding tie or just off one, and zero rows
     // token-wise
     int bits = 4, group = 32;
     bool wkv = false;
@@ -88,6 +90,24 @@ Setup make_setup(const EncCase& c, const kvq::BlockLayout& l) {
                 const int in_group = ch % c.group;
                 s.x[r * c.d + ch] = in_group == 0 ? 0.f : in_group == 1 ? float(levels) : 0.5f * half_steps(rng);
             }
+    }
+    if (c.norm_ties) {
+        // Row r % 4: 0 random; 1 norm exactly 2049 2^-k (the midpoint of two fp16 values: a tie, RNE
+        // goes down to 2048 2^-k); 2 norm sqrt(2049^2 + 3) 2^-k, just above that midpoint (fp32 sums
+        // cannot decide it: the float64 fallback must); 3 all zeros. Channels and signs vary.
+        for (std::size_t r = 0; r < rows; ++r) {
+            const int mode = static_cast<int>(r % 4);
+            if (mode == 0) continue;
+            float* x = &s.x[r * c.d];
+            std::fill(x, x + c.d, 0.0f);
+            if (mode == 3) continue;
+            const float sc = std::ldexp(1.0f, -static_cast<int>((r / 4) % 21));
+            const int c0 = static_cast<int>(r % c.d), c1 = (c0 + 1 + static_cast<int>(r % 5)) % c.d,
+                      c2 = (c0 + 7 + static_cast<int>(r % 11)) % c.d;
+            x[c0] = (r & 8 ? -2048.f : 2048.f) * sc;
+            x[c1] = (r & 16 ? -64.f : 64.f) * sc;
+            x[c2] = (mode == 1 ? 1.f : 2.f) * (r & 32 ? -sc : sc);
+        }
     }
     if (c.f16) {
         s.xh.resize(s.x.size());
@@ -154,6 +174,8 @@ void cpu_encode(const EncCase& c, const Setup& s, std::vector<std::uint8_t>& poo
 
 struct QjlResult {
     long long near_zero_bits = 0, total_bits = 0, bad = 0;
+    // Differing bytes by field (any of them but near-zero sign bits is a failure).
+    long long wrong_sign_bits = 0, norm_in_bytes = 0, norm_out_bytes = 0, id_bytes = 0, untouched_bytes = 0;
 };
 
 QjlResult run_qjl(const EncCase& c, bool graph = false) {
@@ -170,7 +192,11 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
         const auto& S = codec.sketch();
         for (std::size_t r = 0; r < s.x.size() / c.d; ++r)
             for (int ch = 0; ch < c.d; ++ch) s.x[r * c.d + ch] = S[(r % codec.sketch_rows()) * c.d + ch];
-        EXPECT_FALSE(c.f16);
+        if (c.f16)  // fp16 keys: the projections onto the other rows are fp16 rounding noise, near the bound
+            for (std::size_t i = 0; i < s.x.size(); ++i) {
+                s.xh[i] = kvq::float_to_half(s.x[i]).bits;
+                s.x[i] = kvq::half_to_float(kvq::half_t{s.xh[i]});
+            }
     }
     std::vector<std::uint8_t> ref = s.pool;
     cpu_encode(c, s, ref, codec.granularity(),
@@ -186,6 +212,7 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
     fill_target(a, c, s, c.f16 ? static_cast<const void*>(dxh.p) : dx.p, dpos.p, dpool.p, dpages.p);
     kvq::cuda::set_qjl_codec(a, codec, c.B);
     a.sketch = dS.p;
+    a.legacy_kernel = c.legacy;
     const auto ok = kvq::cuda::can_implement(a);
     EXPECT_TRUE(ok.ok) << ok.message;
     cudaStream_t st;
@@ -219,20 +246,39 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
     QjlResult res;
     res.total_bits = static_cast<long long>(c.batch) * c.n * c.H * (c.m + codec.outlier_bits());
     const auto& S = codec.sketch();
+    int reported = 0;  // the first few failures of each run in detail, then only the counts
+    auto report = [&]() -> bool { return ++reported <= 8; };
     for (std::size_t i = 0; i < got.size(); ++i) {
         if (got[i] == ref[i]) continue;
         const std::size_t blk = i / s.block_bytes, off = i % s.block_bytes;
         const auto [b, h, pg] = owner[blk];
         if (b < 0 || off >= l.token_side_offset()) {  // only code bytes may differ
             ++res.bad;
-            ADD_FAILURE() << "byte " << i << " (block " << blk << ", offset " << off << ") differs outside sign codes";
+            const std::size_t ts = l.token_side_offset(), bs = l.block_side_offset();
+            const char* field = "untouched";
+            if (b >= 0 && off >= ts && off < ts + 2 * std::size_t(c.B)) {
+                field = "inlier norm";
+                ++res.norm_in_bytes;
+            } else if (b >= 0 && c.ko > 0 && off >= ts + 2 * std::size_t(c.B) && off < bs) {
+                field = "outlier norm";
+                ++res.norm_out_bytes;
+            } else if (b >= 0 && c.ko > 0 && off >= bs && off < bs + l.block_side_bytes) {
+                field = "outlier ids";
+                ++res.id_bytes;
+            } else {
+                ++res.untouched_bytes;
+            }
+            if (report())
+                ADD_FAILURE() << field << " byte " << i << " (block " << blk << ", offset " << off << ") differs: gpu "
+                              << int(got[i]) << " cpu " << int(ref[i]);
             continue;
         }
         const int tok = static_cast<int>(off / l.code_bytes), byte = static_cast<int>(off % l.code_bytes);
         const int t = pg * c.B + tok - c.pos0[b];
         if (t < 0 || t >= c.n) {
             ++res.bad;
-            ADD_FAILURE() << "untouched token changed at block " << blk;
+            ++res.untouched_bytes;
+            if (report()) ADD_FAILURE() << "untouched token changed at block " << blk;
             continue;
         }
         const float* x = &s.x[((std::size_t(b) * c.n + t) * c.H + h) * c.d];
@@ -261,12 +307,20 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
                 ++res.near_zero_bits;
             } else {
                 ++res.bad;
-                ADD_FAILURE() << "sign bit " << jj << " of token " << t << " head " << h << " differs: projection "
-                              << pj << " bound " << bound << " gpu " << ((got[i] >> bit) & 1) << " cpu "
-                              << ((ref[i] >> bit) & 1);
+                ++res.wrong_sign_bits;
+                if (report())
+                    ADD_FAILURE() << "sign bit " << jj << " of token " << t << " head " << h << " differs: projection "
+                                  << pj << " bound " << bound << " gpu " << ((got[i] >> bit) & 1) << " cpu "
+                                  << ((ref[i] >> bit) & 1);
             }
         }
     }
+    if (res.bad > 0)
+        ADD_FAILURE() << "[qjl encode, " << (c.legacy ? "legacy" : "new") << " kernel, d " << c.d << " m " << c.m
+                      << " outliers " << c.ko << " f16 " << c.f16 << "] differing: wrong sign bits "
+                      << res.wrong_sign_bits << ", inlier norm bytes " << res.norm_in_bytes << ", outlier norm bytes "
+                      << res.norm_out_bytes << ", outlier id bytes " << res.id_bytes << ", bytes that must not change "
+                      << res.untouched_bytes << " (near-zero sign bits, allowed: " << res.near_zero_bits << ")";
     return res;
 }
 
@@ -389,7 +443,14 @@ TEST(GpuEncode, WkvSmoothedMatchesCpuBytes) {
     }
 }
 
-TEST(GpuEncode, QjlMatchesCpuBytes) {
+// QJL tests run on both kernels: GetParam() = QjlEncodeArgs::legacy_kernel. The new kernel
+// (qjl_encode_f16_kernel) takes fp16 input without outliers; other cases go to the legacy kernel
+// either way (checked here too: the routing).
+class GpuEncodeQjl : public testing::TestWithParam<bool> {};
+INSTANTIATE_TEST_SUITE_P(Kernels, GpuEncodeQjl, testing::Values(false, true),
+                         [](const testing::TestParamInfo<bool>& i) { return i.param ? "Legacy" : "New"; });
+
+TEST_P(GpuEncodeQjl, MatchesCpuBytes) {
     struct S {
         int d, m, B, n, H, batch;
         std::vector<int> pos0;
@@ -413,6 +474,7 @@ TEST(GpuEncode, QjlMatchesCpuBytes) {
             c.pos0 = sh.pos0;
             c.sketch = sh.k;
             c.f16 = f16;
+            c.legacy = GetParam();
             c.seed = sh.d + sh.m + f16;
             SCOPED_TRACE(testing::Message() << "d " << sh.d << " m " << sh.m << " B " << sh.B << " f16 " << f16);
             const QjlResult r = run_qjl(c);
@@ -423,7 +485,7 @@ TEST(GpuEncode, QjlMatchesCpuBytes) {
     std::printf("[qjl encode] near-zero sign differences: %lld of %lld bits\n", nz, tot);
 }
 
-TEST(GpuEncode, QjlOutliersMatchCpuBytes) {
+TEST_P(GpuEncodeQjl, OutliersMatchCpuBytes) {
     for (bool f16 : {false, true})
         for (int d : {64, 128, 256}) {
             EncCase c;
@@ -437,6 +499,7 @@ TEST(GpuEncode, QjlOutliersMatchCpuBytes) {
             c.batch = 2;
             c.pos0 = {0, 32};
             c.f16 = f16;
+            c.legacy = GetParam();
             c.seed = 500 + d + f16;
             SCOPED_TRACE(testing::Message() << "d " << d << " f16 " << f16);
             const QjlResult r = run_qjl(c);
@@ -447,9 +510,12 @@ TEST(GpuEncode, QjlOutliersMatchCpuBytes) {
 }
 
 // Random keys: the fraction of near-zero sign differences must stay below 1e-6.
-TEST(GpuEncode, QjlNearZeroFractionBelow1e6) {
-    for (int ko : {0, 8}) {
+TEST_P(GpuEncodeQjl, NearZeroFractionBelow1e6) {
+    for (int v = 0; v < 3; ++v) {  // fp16, fp32 without outliers (the first: the new kernel's case); fp32 + 8
+        const int ko = v == 2 ? 8 : 0;
         EncCase c;
+        c.legacy = GetParam();
+        c.f16 = v == 0;
         c.d = 128;
         c.m = 256;
         c.ko = ko;
@@ -459,11 +525,12 @@ TEST(GpuEncode, QjlNearZeroFractionBelow1e6) {
         c.n = 4096;
         c.pos0 = {0};
         c.seed = 42 + ko;
+        SCOPED_TRACE(testing::Message() << "outliers " << ko << " f16 " << c.f16);
         const QjlResult r = run_qjl(c);
         EXPECT_EQ(r.bad, 0);
         const double frac = double(r.near_zero_bits) / double(r.total_bits);
-        std::printf("[qjl encode, outliers %d] near-zero sign differences: %lld of %lld bits (%.2e)\n", ko,
-                    r.near_zero_bits, r.total_bits, frac);
+        std::printf("[qjl encode, outliers %d, f16 %d] near-zero sign differences: %lld of %lld bits (%.2e)\n", ko,
+                    int(c.f16), r.near_zero_bits, r.total_bits, frac);
         EXPECT_LT(frac, 1e-6);
     }
 }
@@ -471,27 +538,60 @@ TEST(GpuEncode, QjlNearZeroFractionBelow1e6) {
 // Keys equal to sketch rows: in exact arithmetic most projections onto the other rows of the same
 // orthogonal block are 0, so the float results are rounding noise. The GPU takes the sign of the
 // exact projection there; every difference must be inside the CPU's rounding bound.
-TEST(GpuEncode, QjlAdversarialNearZeroOnlyWithinRounding) {
-    EncCase c;
-    c.H = 2;
-    c.batch = 1;
-    c.n = 256;
-    c.pos0 = {0};
-    c.adversarial = true;
-    const QjlResult r = run_qjl(c);
-    EXPECT_EQ(r.bad, 0);
-    std::printf("[qjl encode, adversarial] near-zero sign differences: %lld of %lld bits\n", r.near_zero_bits,
-                r.total_bits);
+TEST_P(GpuEncodeQjl, AdversarialNearZeroOnlyWithinRounding) {
+    for (bool f16 : {false, true}) {
+        EncCase c;
+        c.H = 2;
+        c.batch = 1;
+        c.n = 256;
+        c.pos0 = {0};
+        c.adversarial = true;
+        c.f16 = f16;
+        c.legacy = GetParam();
+        SCOPED_TRACE(testing::Message() << "f16 " << f16);
+        const QjlResult r = run_qjl(c);
+        EXPECT_EQ(r.bad, 0);
+        std::printf("[qjl encode, adversarial, f16 %d] near-zero sign differences: %lld of %lld bits\n", int(f16),
+                    r.near_zero_bits, r.total_bits);
+    }
 }
 
-TEST(GpuEncode, QjlInsideCudaGraph) {
-    EncCase c;
-    c.ko = 8;
-    c.mo = 256;
-    c.n = 64;
-    c.pos0 = {0, 64};
-    const QjlResult r = run_qjl(c, true);
-    EXPECT_EQ(r.bad, 0);
+// Norms at and just off fp16 rounding ties (where an fp32 sum cannot decide the rounding) and zero
+// rows, d 64 / 128 / 256, fp16 and fp32 input: the norm bytes must equal the CPU's.
+TEST_P(GpuEncodeQjl, NormRoundingTiesAndZeroRows) {
+    for (bool f16 : {true, false})
+        for (int d : {64, 128, 256}) {
+            EncCase c;
+            c.d = d;
+            c.m = d == 256 ? 512 : 256;
+            c.H = 3;
+            c.batch = 2;
+            c.n = 150;
+            c.pos0 = {3, 64};
+            c.norm_ties = true;
+            c.f16 = f16;
+            c.legacy = GetParam();
+            c.seed = 900 + d + f16;
+            SCOPED_TRACE(testing::Message() << "d " << d << " f16 " << f16);
+            const QjlResult r = run_qjl(c);
+            EXPECT_EQ(r.bad, 0);
+            EXPECT_EQ(r.norm_in_bytes, 0);
+        }
+}
+
+TEST_P(GpuEncodeQjl, InsideCudaGraph) {
+    for (int ko : {8, 0}) {
+        EncCase c;
+        c.ko = ko;
+        c.mo = ko ? 256 : 0;
+        c.n = 64;
+        c.pos0 = {0, 64};
+        c.f16 = ko == 0;
+        c.legacy = GetParam();
+        SCOPED_TRACE(testing::Message() << "outliers " << ko);
+        const QjlResult r = run_qjl(c, true);
+        EXPECT_EQ(r.bad, 0);
+    }
 }
 
 TEST(GpuEncode, CanImplementRejects) {

@@ -258,19 +258,28 @@ struct TcCase {
     int kv_heads = 2;
     bool fp16_query = false;
     bool zero_head = false;  // last query head all zeros (s = 0, u = 0, scores 0)
+    bool legacy = false;     // the library's default launches instead of QjlScoreArgs::tc_pipelined
+    int max_ctas = 0;        // QjlScoreArgs::tc_max_ctas: a small grid gives each warp many tiles
 };
 
 std::string describe(const TcCase& c) {
     return "tc d=" + std::to_string(c.d) + " m=" + std::to_string(c.m) + " G=" + std::to_string(c.group) +
            " T=" + std::to_string(c.tokens) + " B=" + std::to_string(c.block_tokens) +
-           " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "");
+           " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "") +
+           (c.legacy ? " legacy" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "");
 }
+
+// What a run leaves behind, for comparing the two tensor kernels bit for bit.
+struct TcOutput {
+    std::vector<float> scores;
+    std::vector<std::uint8_t> proj, rec, projq;  // workspace sections
+};
 
 constexpr double kU = 1.0 / 16777216.0;  // 2^-24, fp32 unit roundoff
 
 // Runs one case of the tensor path and checks (a) the query record, (b) the scores against a float64
 // evaluation of that record, (c) the scores against the exact float64 estimator (see the top).
-void run_tc_case(const TcCase& c, bool use_graph = false) {
+void run_tc_case(const TcCase& c, bool use_graph = false, TcOutput* out = nullptr) {
     SCOPED_TRACE(describe(c));
     const int H_kv = c.kv_heads, H_q = H_kv * c.group, d = c.d, m = c.m, T = c.tokens, B = c.block_tokens;
     kvq::QjlParams p;
@@ -345,6 +354,8 @@ void run_tc_case(const TcCase& c, bool use_graph = false) {
     a.query_type = c.fp16_query ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
     a.scores = d_scores.p;
     a.score_stride = score_stride;
+    a.tc_pipelined = !c.legacy;  // the tests exercise the opt-in pipelined path unless told otherwise
+    a.tc_max_ctas = c.max_ctas;
     ASSERT_FALSE(a.exact_query);  // the default
     ASSERT_TRUE(kvq::cuda::qjl_score_uses_tensor_path(a));
     const auto ok = kvq::cuda::can_implement(a);
@@ -381,6 +392,12 @@ void run_tc_case(const TcCase& c, bool use_graph = false) {
     KVQ_CUDA_CHECK(cudaStreamDestroy(stream));
     const std::vector<float> got = d_scores.download();
     const std::vector<std::uint8_t> wsh = ws.download();
+    if (out != nullptr) {
+        out->scores = got;
+        out->proj.assign(wsh.begin(), wsh.begin() + std::size_t(H_q) * m * 4);
+        out->rec.assign(wsh.begin() + wl.rec, wsh.begin() + wl.rec + std::size_t(H_q) * QL.record_bytes());
+        out->projq.assign(wsh.begin() + wl.projq, wsh.begin() + wl.projq + std::size_t(H_q) * m * 4);
+    }
 
     const std::vector<float>& S = codec.sketch();
     const double c64 = std::sqrt(1.57079632679489661923) / m;
@@ -520,6 +537,114 @@ TEST(QjlScoreGpu, TensorPathOddShapes) {
 TEST(QjlScoreGpu, TensorPathCapturesInAGraph) {
     run_tc_case({128, 256, 1, 2000, 64}, true);
     run_tc_case({128, 96, 3, 333, 16}, true);
+}
+
+TEST(QjlScoreGpu, TensorPathLegacyKernel) {
+    // The default launches (project, quantize, qjl_score_tc_kernel), i.e. QjlScoreArgs::tc_pipelined = false.
+    std::mt19937 rng(4242);
+    const int ds[] = {64, 128, 256}, ms[] = {96, 256, 512}, gs[] = {1, 3, 8}, bs[] = {16, 64, 256};
+    for (int i = 0; i < 8; ++i) {
+        TcCase c{ds[rng() % 3], ms[rng() % 3], gs[rng() % 3], 1 + 2 * static_cast<int>(rng() % 1500), bs[rng() % 3]};
+        c.legacy = true;
+        run_tc_case(c);
+    }
+    TcCase g{128, 256, 2, 999, 32};
+    g.legacy = true;
+    run_tc_case(g, true);
+}
+
+TEST(QjlScoreGpu, TensorPathLongRunsPerWarp) {
+    // One or a few CTAs: each warp streams dozens of tiles through its stage ring (wrap-around and
+    // phase flips), refreshes its page-id batch (every 32 / nsub tiles), and crosses KV heads.
+    const TcCase cases[] = {
+        {128, 256, 1, 20001, 64, 2},  // nsub 1: > 32 tiles per warp at one CTA
+        {128, 256, 4, 4099, 16, 3},   // nsub 4: batches of 8 tiles
+        {64, 128, 2, 3001, 32, 3},    // nsub 2
+        {128, 96, 3, 2500, 128, 2},   // m = 96 (4-byte rows), any-G fragments
+        {128, 512, 8, 1500, 256, 3},  // two K steps, G = 8, 2 stages
+        {256, 1024, 1, 700, 64, 2},   // four K steps, 2 stages
+    };
+    for (TcCase c : cases) {
+        c.max_ctas = 1;
+        run_tc_case(c);
+        c.max_ctas = 3;
+        run_tc_case(c);
+    }
+    TcCase g{128, 256, 2, 5000, 64, 2};
+    g.max_ctas = 2;
+    run_tc_case(g, true);  // graph replay with long runs
+}
+
+TEST(QjlScoreGpu, TensorPathPipelinedMatchesLegacy) {
+    // The fused query preparation reproduces qjl_project_kernel's summation order and the quantiser's
+    // arithmetic, and both score kernels evaluate the same float expression: bit-identical outputs.
+    const TcCase cases[] = {
+        {128, 256, 1, 4097, 64, 2}, {64, 96, 3, 333, 16, 2},     {256, 512, 4, 1001, 128, 1},
+        {128, 320, 8, 257, 32, 2},  {128, 1024, 2, 130, 256, 1}, {128, 256, 2, 77, 64, 2, true},
+    };
+    for (const TcCase& c : cases) {
+        TcCase l = c;
+        l.legacy = true;
+        TcOutput po, lo;
+        run_tc_case(c, false, &po);
+        run_tc_case(l, false, &lo);
+        SCOPED_TRACE(describe(c));
+        EXPECT_TRUE(po.proj == lo.proj) << "S q differs";
+        EXPECT_TRUE(po.rec == lo.rec) << "query records differ";
+        EXPECT_TRUE(po.projq == lo.projq) << "u * s differs";
+        ASSERT_EQ(po.scores.size(), lo.scores.size());
+        EXPECT_EQ(std::memcmp(po.scores.data(), lo.scores.data(), po.scores.size() * 4), 0) << "scores differ";
+    }
+}
+
+TEST(QjlScoreGpu, QueryPrepMatchesProjectAndQuantize) {
+    // detail::launch_qjl_query_prep (the fused launch offered to the decode) against the two round-2
+    // kernels, also for head_dim not a multiple of 32 and m = 1024.
+    const int shapes[][3] = {{128, 256, 5}, {40, 64, 3}, {256, 1024, 2}, {8, 32, 4}, {200, 160, 7}};
+    for (const auto& sh : shapes) {
+        const int d = sh[0], m = sh[1], H = sh[2];
+        SCOPED_TRACE("d=" + std::to_string(d) + " m=" + std::to_string(m) + " H=" + std::to_string(H));
+        std::mt19937 rng(d * 31 + m);
+        std::normal_distribution<float> nd(0.f, 1.f);
+        std::vector<float> S(std::size_t(m) * d), q(std::size_t(H) * (d + 3));
+        for (auto& v : S) v = nd(rng);
+        for (auto& v : q) v = nd(rng);
+        DeviceBuffer<float> d_S(S.size()), d_q(q.size());
+        d_S.upload(S);
+        d_q.upload(q);
+        const kvq::cuda::QjlQueryLayout QL = kvq::cuda::QjlQueryLayout::of(m);
+        const std::size_t nrec = std::size_t(H) * QL.record_words();
+        DeviceBuffer<float> p1(std::size_t(H) * m), p2(std::size_t(H) * m), f1(std::size_t(H) * d),
+            f2(std::size_t(H) * d), pq1(std::size_t(H) * m), pq2(std::size_t(H) * m);
+        DeviceBuffer<std::uint32_t> r1(nrec), r2(nrec);
+        for (auto* b : {&p1, &p2, &f1, &f2, &pq1, &pq2}) KVQ_CUDA_CHECK(cudaMemset(b->p, 0xFF, b->n * sizeof(float)));
+        KVQ_CUDA_CHECK(cudaMemset(r1.p, 0xFF, nrec * 4));
+        KVQ_CUDA_CHECK(cudaMemset(r2.p, 0xFF, nrec * 4));
+        kvq::cuda::QjlScoreArgs a;
+        a.head_dim = d;
+        a.m = m;
+        a.sketch_rows = m;
+        a.sketch = d_S.p;
+        a.n_q_heads = H;
+        a.query = d_q.p;
+        a.query_stride = d + 3;
+        const dim3 pgrid(H, (m + 7) / 8);
+        kvq::cuda::detail::qjl_project_kernel<<<pgrid, 256, d * sizeof(float)>>>(a, p1.p, f1.p, nullptr);
+        KVQ_CUDA_CHECK(cudaGetLastError());
+        kvq::cuda::detail::qjl_quantize_query_kernel<<<H, 32 * ((m + 31) / 32)>>>(p1.p, m, r1.p, pq1.p);
+        KVQ_CUDA_CHECK(cudaGetLastError());
+        kvq::cuda::detail::launch_qjl_query_prep(a, p2.p, f2.p, r2.p, pq2.p, nullptr);
+        KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+        const auto bits = [](const std::vector<float>& v) {
+            std::vector<std::uint32_t> b(v.size());
+            std::memcpy(b.data(), v.data(), v.size() * 4);
+            return b;
+        };
+        EXPECT_TRUE(bits(p1.download()) == bits(p2.download())) << "S q";
+        EXPECT_TRUE(bits(f1.download()) == bits(f2.download())) << "q";
+        EXPECT_TRUE(r1.download() == r2.download()) << "records";
+        EXPECT_TRUE(bits(pq1.download()) == bits(pq2.download())) << "u * s";
+    }
 }
 
 TEST(QjlScoreGpu, SmallBlocksFallBackToExact) {

@@ -18,6 +18,10 @@
 //    summed in float64 in token order, top k_o by (energy desc, id asc), ids ascending; outlier
 //    projection in fp32 with the same near-zero float64 recheck; outlier channels zeroed for the
 //    inlier projection and norm.
+//    fp16 input without outliers (the serving case) runs qjl_encode_f16_kernel: the same arithmetic
+//    for the signs, fp32 norms with a float64 fallback where they could round differently, and about
+//    a fifth of the instructions per row (its comment says how); QjlEncodeArgs::legacy_kernel keeps
+//    the kernel described next for every shape.
 //    Structure: persistent CTAs (one per SM; 16 warps for d <= 128, 8 for d = 256) over tiles of 64
 //    rows (32 tokens x 2 KV heads); each warp keeps its 16 sketch rows' S_hi / S_lo mma fragments in
 //    registers for the whole kernel; the next tile's input rows stream into shared memory with
@@ -815,6 +819,388 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
     tc::cp_async_wait<0>();
 }
 
+// ---------------------------------------------------------------------------------------------
+// QJL encode, fast path: fp16 input without outliers (the serving case; QjlEncodeArgs::legacy_kernel
+// or any other shape takes qjl_encode_kernel above). Same tile (32 tokens x 2 KV heads), same split
+// S_hi / S_lo fragments in registers and the same mma order as qjl_encode_kernel, so the same
+// near-zero bound holds and every sign is again the sign of the exact projection. What changes is
+// the work per row (round-2 SASS: ~1300 issue slots per row, most of them not tensor work):
+//  * fp16 input is already the A operand: rows are copied with cp.async into a padded, double
+//    buffered tile (row stride D + 8 halves, conflict-free for ldmatrix) and fed to the tensor cores
+//    with ldmatrix.x4, two m-tiles at a time (four independent accumulator chains per warp).
+//  * Norms in fp32 by 8 threads per row (squares of fp16 values are exact in fp32; the rounding of
+//    the sum is bounded), and the float64 sum only where that bound cannot decide the fp16 rounding
+//    of the norm (qjl_norm_f64_part, out of line).
+//  * Near-zero test: one compare per projection against the warp's largest threshold; the float64
+//    recheck (qjl_recheck_f16) is out of line and done at once by the warp that found it, so no
+//    queue, no atomics and no extra phase.
+//  * Row targets (page lookups) are fetched two tiles ahead and stored after the mma, so their
+//    latency never stalls a barrier; codes leave as whole 32-bit words.
+template <int D>
+struct QjlFastSmem {
+    static constexpr int RT = kQjlEncRows, AST = D + 8, NW = kQjlEncWarps<D>;
+    static constexpr std::size_t raw = 0;                                      // [2][RT][AST] half
+    static constexpr std::size_t codes = raw + std::size_t(2) * RT * AST * 2;  // [RT][NW] u16
+    static constexpr std::size_t tau = codes + std::size_t(RT) * NW * 2;       // [RT] float (< 0: no check)
+    static constexpr std::size_t src = tau + RT * 4;                           // [3][RT] input row pointers
+    static constexpr std::size_t tgt = src + 3 * RT * 8;                       // [3][RT] int2 {page, tok}
+    // The CTA's NW * JW sketch rows in fp32 (zeros past m), for the float64 recheck: without them a
+    // recheck waits on L2 while the rest of the CTA waits at the next barrier.
+    static constexpr std::size_t sk = tgt + 3 * RT * 8;  // [NW * kQjlEncJW][D] float
+    static constexpr std::size_t bytes = sk + std::size_t(NW) * kQjlEncJW * D * 4;
+};
+
+__device__ __forceinline__ void qjl_ldmatrix_x4(unsigned r[4], unsigned saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(saddr)
+                 : "memory");
+}
+
+// Float64 sum of squares of this lane's part of a row (channels [8 (p + 8 i), 8 (p + 8 i) + 8)):
+// the rare fallback of the fp32 norm, kept out of the hot loop.
+template <int D>
+__device__ __noinline__ double qjl_norm_f64_part(const __half* row, int p) {
+    double s = 0;
+#pragma unroll
+    for (int i = 0; i < D / 64; ++i) {
+        const uint4 u = *reinterpret_cast<const uint4*>(row + (p + 8 * i) * 8);
+        const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+            s += double(f.x) * f.x;
+            s += double(f.y) * f.y;
+        }
+    }
+    return s;
+}
+
+// A lane's 16 accumulators of a pair of m-tiles, index v = 8 p + 4 nt + k (acc[p][nt][k]): m-tile
+// p, row 16 p + lane / 4 (+ 8 for k >= 2), the warp's sketch row 8 nt + 2 (lane % 4) + (k & 1).
+struct QjlAcc16 {
+    float v[16];
+};
+
+// Exact (float64) signs of the projections closer to zero than their bound th[p][k >> 1] (th[2 p +
+// (k >> 1)] here). `sgn` holds the lane's sign bits by the same index v; the flagged ones are
+// replaced. The whole warp computes each flagged dot product: channels lane, lane + 32, ...
+// (products of fp32 and fp16 values are exact in float64). Called by all 32 lanes. `rows`: the
+// pair's first tile row, `sketch`: the warp's JW sketch rows (both in shared memory).
+template <int D>
+__device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAcc16 acc, float4 th, const __half* rows,
+                                                 const float* sketch) {
+    constexpr int AST = D + 8;
+    const int lane = threadIdx.x & 31;
+    const float thv[4] = {th.x, th.y, th.z, th.w};
+    unsigned near = 0;
+#pragma unroll
+    for (int v = 0; v < 16; ++v) near |= (fabsf(acc.v[v]) <= thv[(v >> 3) * 2 + ((v >> 1) & 1)] ? 1u : 0u) << v;
+    unsigned pending = __ballot_sync(0xffffffffu, near != 0);
+    while (pending) {
+        const int src = __ffs(pending) - 1;
+        pending &= pending - 1;
+        unsigned nm = __shfl_sync(0xffffffffu, near, src);
+        while (nm) {
+            const int v = __ffs(nm) - 1;
+            nm &= nm - 1;
+            const int p = v >> 3, nt = (v >> 2) & 1, k = v & 3;
+            const int row = p * 16 + (src >> 2) + (k >> 1) * 8;
+            const int col = nt * 8 + (src & 3) * 2 + (k & 1);
+            const __half* xr = rows + row * AST;
+            const float* sr = sketch + col * D;
+            double s = 0;
+#pragma unroll
+            for (int i = 0; i < D / 32; ++i) s += double(sr[lane + 32 * i]) * double(__half2float(xr[lane + 32 * i]));
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+            if (lane == src) sgn = s > 0.0 ? (sgn | (1u << v)) : (sgn & ~(1u << v));
+        }
+    }
+    return sgn;
+}
+
+template <int D>
+__global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel(QjlEncodeArgs a) {
+    constexpr int NW = kQjlEncWarps<D>, NTHR = NW * 32;
+    constexpr int JW = kQjlEncJW, NT = JW / 8, KS = D / 16, RT = kQjlEncRows;
+    static_assert(NT == 2 && RT == 64, "the recheck's flag layout assumes 2 n-tiles and 2 pairs of m-tiles");
+    using L = QjlFastSmem<D>;
+    constexpr int AST = L::AST;
+    constexpr int CH = D / 8;  // 16-byte chunks per input row
+    extern __shared__ float4 enc_smem4[];
+    std::uint8_t* sm = reinterpret_cast<std::uint8_t*>(enc_smem4);
+    __half* raw = reinterpret_cast<__half*>(sm + L::raw);
+    std::uint16_t* codes16 = reinterpret_cast<std::uint16_t*>(sm + L::codes);
+    const unsigned* codes32 = reinterpret_cast<const unsigned*>(sm + L::codes);
+    float* tau = reinterpret_cast<float*>(sm + L::tau);
+    const std::uint8_t** srcs = reinterpret_cast<const std::uint8_t**>(sm + L::src);
+    int2* tgts = reinterpret_cast<int2*>(sm + L::tgt);
+    float* sks = reinterpret_cast<float*>(sm + L::sk);
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int H = a.n_kv_heads;
+    const int jslice = blockIdx.y * (NW * JW);
+    const int jbase = jslice + warp * JW;
+    const bool jactive = jbase < a.m;  // m is a multiple of 32: then all JW rows are < m
+    const bool lead = blockIdx.y == 0;
+
+    unsigned bh[KS][NT][2], bl[KS][NT][2];
+    float thrw;  // the largest near-zero factor of the warp's sketch rows (one compare per projection)
+    {
+        const float coef = qjl_enc_coef(D), absterm = 9.5367431640625e-07f * sqrtf(float(D));
+        float nn = 0.f;
+        if (jactive && lane < JW)
+            for (int c = 0; c < D; ++c) {
+                const float sv = __ldg(a.sketch + std::size_t(jbase + lane) * D + c);
+                nn = fmaf(sv, sv, nn);
+            }
+        thrw = coef * sqrtf(nn) * 1.001f + absterm;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) thrw = fmaxf(thrw, __shfl_xor_sync(0xffffffffu, thrw, off));
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int j = jbase + nt * 8 + g;
+            const float* srow = a.sketch + std::size_t(jactive ? j : 0) * D;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                for (int hlf = 0; hlf < 2; ++hlf) {
+                    const int c = ks * 16 + hlf * 8 + tig * 2;
+                    const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
+                    const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
+                    const __half l0 = __float2half_rn(s0 - __half2float(h0)),
+                                 l1 = __float2half_rn(s1 - __half2float(h1));
+                    bh[ks][nt][hlf] = pack_half2(h0, h1);
+                    bl[ks][nt][hlf] = pack_half2(l0, l1);
+                }
+        }
+    }
+
+    const int ntg = (a.n_tokens + 31) / 32, nhp = (H + 1) / 2;
+    const long long tiles = static_cast<long long>(a.batch) * ntg * nhp;
+    const int B = static_cast<int>(a.layout.block_tokens), bsh = __ffs(B) - 1;
+    // Row r of a tile: KV head 2 hp + r / 32, token 32 tg + r % 32 of sequence b.
+    // Target of row tid (< RT) of `tile`: the input row pointer, and {page, token in block} (tok < 0:
+    // no such row). The page entry is only loaded here; `store_meta` writes it to shared memory later.
+    const std::uint8_t* m_src = nullptr;
+    const std::uint32_t* m_page = nullptr;
+    int m_tok = -1;
+    auto load_meta = [&](long long tile) {
+        m_src = nullptr;
+        m_page = nullptr;
+        m_tok = -1;
+        if (tid >= RT || tile >= tiles) return;
+        int hp, tg, b;
+        if (tiles <= 0x7fffffffLL) {  // 32-bit division: the usual case, a third of the instructions
+            const unsigned tl = static_cast<unsigned>(tile), q = tl / unsigned(nhp);
+            hp = static_cast<int>(tl - q * unsigned(nhp));
+            tg = static_cast<int>(q % unsigned(ntg));
+            b = static_cast<int>(q / unsigned(ntg));
+        } else {
+            hp = static_cast<int>(tile % nhp);
+            tg = static_cast<int>((tile / nhp) % ntg);
+            b = static_cast<int>(tile / (static_cast<long long>(nhp) * ntg));
+        }
+        const int h = hp * 2 + tid / 32, t = tg * 32 + tid % 32;
+        if (h >= H || t >= a.n_tokens) return;
+        m_src = static_cast<const std::uint8_t*>(a.x) + enc_x_offset(a, b, t, h) * 2;
+        const int pos = __ldg(a.pos0 + b) + t;
+        m_page = a.pages + (std::size_t(b) * H + h) * a.page_stride + (pos >> bsh);
+        m_tok = pos & (B - 1);
+    };
+    std::uint32_t m_pg = 0;
+    auto issue_page = [&]() {
+        if (m_page != nullptr) m_pg = __ldg(m_page);
+    };
+    auto store_meta = [&](int slot) {
+        if (tid < RT) {
+            srcs[slot * RT + tid] = m_src;
+            tgts[slot * RT + tid] = make_int2(static_cast<int>(m_pg), m_tok);
+        }
+    };
+    // Input rows of the tile whose targets are in `slot` into buffer `buf` (missing rows: zeros).
+    auto prefetch = [&](int slot, int buf) {
+        std::uint8_t* dst0 = reinterpret_cast<std::uint8_t*>(raw + std::size_t(buf) * RT * AST);
+        static_assert((RT * CH) % NTHR == 0, "whole rounds of chunks");
+#pragma unroll
+        for (int n = 0; n < RT * CH / NTHR; ++n) {
+            const int i = tid + n * NTHR, r = i / CH, k = i % CH;
+            const std::uint8_t* s = srcs[slot * RT + r];
+            std::uint8_t* dst = dst0 + std::size_t(r) * AST * 2 + k * 16;
+            if (s != nullptr)
+                tc::cp_async16(dst, s + k * 16);
+            else
+                *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+        tc::cp_async_commit();
+    };
+
+    for (int i = tid; i < NW * JW * D; i += NTHR) {  // once per CTA; scalar: the sketch needs no alignment
+        const int j = jslice + i / D;
+        sks[i] = j < a.m ? __ldg(a.sketch + std::size_t(j) * D + i % D) : 0.f;
+    }
+    // Prologue: targets of the first two tiles, the first tile's rows in flight (the barrier below
+    // also publishes the sketch rows).
+    const long long t0 = blockIdx.x, step = gridDim.x;
+    load_meta(t0);
+    issue_page();
+    store_meta(0);
+    load_meta(t0 + step);
+    issue_page();
+    store_meta(1);
+    __syncthreads();
+    prefetch(0, 0);
+
+    int it = 0;
+    for (long long tile = t0; tile < tiles; tile += step, ++it) {
+        const int cur = it % 3, nxt = (it + 1) % 3, buf = it & 1;
+        const __half* A = raw + std::size_t(buf) * RT * AST;
+        tc::cp_async_wait<0>();
+        __syncthreads();         // rows of this tile landed; the previous tile's readers of codes / buffers are done
+        prefetch(nxt, buf ^ 1);  // the next tile's rows stream in during this tile
+        load_meta(tile + 2 * step);
+        issue_page();  // consumed after the mma: its latency is hidden there
+
+        // Norms: 8 threads per row, thread p sums the squares of chunks p, p + 8, ... in fp32 (exact
+        // squares; rounding of at most D/8 + 3 additions, each <= 2^-24 of the running sum), then a
+        // butterfly over the 8 threads (the same value in all 8). |norm_f - ||k||| <= (D/16 + 3)
+        // 2^-24 ||k||, and the CPU's float (float64 norm rounded once) is within 2^-24 (1 + 2^-29)
+        // of ||k||: both lie in norm_f (1 -+ 2^-19) (D <= 256), so where both ends of that interval
+        // round to the same fp16 value, so does the CPU's norm (rounding is monotone). Otherwise the
+        // row's sum is redone in float64 (as the CPU and qjl_encode_kernel do).
+#pragma unroll
+        for (int q0 = 0; q0 < RT * 8; q0 += NTHR) {
+            const int q = q0 + tid, r = q >> 3, p = q & 7;
+            const __half* row = A + r * AST;
+            float s = 0.f;
+#pragma unroll
+            for (int i = 0; i < D / 64; ++i) {
+                const uint4 u = *reinterpret_cast<const uint4*>(row + (p + 8 * i) * 8);
+                const unsigned w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[k]));
+                    s = fmaf(f.x, f.x, s);
+                    s = fmaf(f.y, f.y, s);
+                }
+            }
+            s += __shfl_xor_sync(0xffffffffu, s, 1);
+            s += __shfl_xor_sync(0xffffffffu, s, 2);
+            s += __shfl_xor_sync(0xffffffffu, s, 4);
+            const float nf = __fsqrt_rn(s);
+            std::uint16_t nh = __half_as_ushort(__float2half_rn(nf));
+            const bool undecided = __half_as_ushort(__float2half_rn(nf * (1.0f - 1.9073486328125e-06f))) !=
+                                   __half_as_ushort(__float2half_rn(nf * (1.0f + 1.9073486328125e-06f)));
+            if (__any_sync(0xffffffffu, undecided)) {
+                double sd = qjl_norm_f64_part<D>(row, p);
+                sd += __shfl_xor_sync(0xffffffffu, sd, 1);
+                sd += __shfl_xor_sync(0xffffffffu, sd, 2);
+                sd += __shfl_xor_sync(0xffffffffu, sd, 4);
+                if (undecided) nh = enc_f2h(static_cast<float>(sqrt(sd))).bits;
+            }
+            if (p == 0) {
+                const int2 tg = tgts[cur * RT + r];
+                // Zero rows (all projections exactly 0, sign 0) and missing rows skip the near-zero test.
+                tau[r] = (tg.y >= 0 && s > 0.f) ? nf : -1.0f;
+                if (lead && tg.y >= 0) {
+                    std::uint8_t* blk = a.pool + std::size_t(static_cast<std::uint32_t>(tg.x)) * a.block_bytes;
+                    reinterpret_cast<std::uint16_t*>(blk + a.layout.token_side_offset())[tg.y] = nh;
+                }
+            }
+        }
+        __syncthreads();  // tau
+
+        // Projection on tensor cores: 64 rows x the warp's JW sketch rows, as two pairs of m-tiles.
+        if (jactive) {
+            const unsigned abase =
+                static_cast<unsigned>(__cvta_generic_to_shared(A)) + ((lane & 15) * AST + (lane >> 4) * 8) * 2;
+#pragma unroll 1
+            for (int mp = 0; mp < RT / 32; ++mp) {
+                const unsigned amp = abase + mp * (32 * AST * 2);  // constant offsets below
+                float acc[2][NT][4];
+#pragma unroll
+                for (int p = 0; p < 2; ++p)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt) acc[p][nt][0] = acc[p][nt][1] = acc[p][nt][2] = acc[p][nt][3] = 0.f;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    unsigned af[2][4];
+#pragma unroll
+                    for (int p = 0; p < 2; ++p) qjl_ldmatrix_x4(af[p], amp + (p * 16 * AST + ks * 16) * 2);
+#pragma unroll
+                    for (int p = 0; p < 2; ++p)
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt) {  // qjl_encode_kernel's order (its error bound)
+                            tc::mma_m16n8k16_f16(acc[p][nt], af[p], bl[ks][nt]);
+                            tc::mma_m16n8k16_f16(acc[p][nt], af[p], bh[ks][nt]);
+                        }
+                }
+                const int rb = mp * 32 + g;
+                const float4 th = make_float4(tau[rb] * thrw, tau[rb + 8] * thrw, tau[rb + 16] * thrw,
+                                              tau[rb + 24] * thrw);  // th[p][hf]: row rb + 16 p + 8 hf
+                // Sign bits by accumulator index (constant positions: one compare and one OR each),
+                // spread to their sketch-row positions once below.
+                unsigned sgn = 0;
+                bool anynear = false;
+#pragma unroll
+                for (int p = 0; p < 2; ++p)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int k = 0; k < 4; ++k) {
+                            const float x = acc[p][nt][k];
+                            if (x > 0.f) sgn |= 1u << (p * 8 + nt * 4 + k);
+                            const float t = (k >> 1) ? (p ? th.w : th.y) : (p ? th.z : th.x);
+                            anynear |= fabsf(x) <= t;
+                        }
+                if (__any_sync(0xffffffffu, anynear)) {
+                    QjlAcc16 av;
+#pragma unroll
+                    for (int p = 0; p < 2; ++p)
+#pragma unroll
+                        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                            for (int k = 0; k < 4; ++k) av.v[p * 8 + nt * 4 + k] = acc[p][nt][k];
+                    sgn = qjl_recheck_f16<D>(sgn, av, th, A + mp * 32 * AST, sks + std::size_t(warp) * JW * D);
+                }
+                // Bit nt 4 + 2 hf + e of m-tile p -> bit 16 hf + 8 nt + 2 tig + e of its word (row g
+                // in the low half, row g + 8 in the high half), then OR over the quad.
+                unsigned w[2];
+#pragma unroll
+                for (int p = 0; p < 2; ++p) {
+                    const unsigned l = (sgn >> (8 * p)) & 0xFFu;
+                    w[p] = ((l & 0x3u) | ((l & 0xCu) << 14) | ((l & 0x30u) << 4) | ((l & 0xC0u) << 18)) << (2 * tig);
+                    w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 1);
+                    w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 2);
+                }
+                // Lane tig stores m-tile tig / 2, row half tig % 2.
+                const unsigned wv = (tig >> 1) ? w[1] : w[0];
+                codes16[(rb + (tig >> 1) * 16 + (tig & 1) * 8) * NW + warp] =
+                    static_cast<std::uint16_t>((tig & 1) ? (wv >> 16) : (wv & 0xFFFFu));
+            }
+        }
+        store_meta((it + 2) % 3);
+        __syncthreads();  // codes
+
+        // Codes out: 32 sketch rows (two warps' words) per store.
+        static_assert((RT * (NW / 2)) % NTHR == 0 || NTHR % (RT * (NW / 2)) == 0, "whole rounds of words");
+#pragma unroll
+        for (int n = 0; n < (RT * (NW / 2) + NTHR - 1) / NTHR; ++n) {
+            const int i = tid + n * NTHR;
+            if (RT * (NW / 2) % NTHR != 0 && i >= RT * (NW / 2)) break;
+            const int r = i / (NW / 2), wd = i % (NW / 2);
+            const int2 tg = tgts[cur * RT + r];
+            const int j0 = jslice + wd * 32;
+            if (tg.y < 0 || j0 >= a.m) continue;
+            std::uint8_t* blk = a.pool + std::size_t(static_cast<std::uint32_t>(tg.x)) * a.block_bytes;
+            *reinterpret_cast<unsigned*>(blk + std::size_t(tg.y) * a.layout.code_bytes + j0 / 8) = codes32[i];
+        }
+    }
+    tc::cp_async_wait<0>();
+}
+
 inline std::size_t qjl_enc_smem_bytes(int d, bool f16in, int outliers) {
     const bool o = outliers > 0;
     switch (d) {
@@ -912,7 +1298,6 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
     KVQ_CHECK(ok.ok, ok.message);
     if (a.n_tokens == 0) return;
     const bool f16 = a.x_type == QueryType::F16;
-    const std::size_t smem = detail::qjl_enc_smem_bytes(a.head_dim, f16, a.outliers);
     const int jslice = (a.head_dim <= 128 ? 16 : 8) * detail::kQjlEncJW;
     const int ny = (a.m + jslice - 1) / jslice;
     const long long tiles = static_cast<long long>(a.batch) * ((a.n_tokens + 31) / 32) * ((a.n_kv_heads + 1) / 2);
@@ -920,6 +1305,20 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
     long long nx = (static_cast<long long>(sms) + ny - 1) / ny;
     if (nx > tiles) nx = tiles;
     const dim3 grid(static_cast<unsigned>(nx), static_cast<unsigned>(ny));
+    if (f16 && a.outliers == 0 && !a.legacy_kernel) {
+        auto fast = [&](auto kernel, std::size_t bytes) {
+            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+            kernel<<<grid, a.head_dim <= 128 ? 512 : 256, bytes, stream>>>(a);
+            KVQ_CUDA_CHECK_LAUNCH("qjl_encode_f16_kernel");
+        };
+        switch (a.head_dim) {
+            case 64: fast(detail::qjl_encode_f16_kernel<64>, detail::QjlFastSmem<64>::bytes); break;
+            case 128: fast(detail::qjl_encode_f16_kernel<128>, detail::QjlFastSmem<128>::bytes); break;
+            default: fast(detail::qjl_encode_f16_kernel<256>, detail::QjlFastSmem<256>::bytes); break;
+        }
+        return;
+    }
+    const std::size_t smem = detail::qjl_enc_smem_bytes(a.head_dim, f16, a.outliers);
     auto go = [&](auto kernel) {
         KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
         kernel<<<grid, a.head_dim <= 128 ? 512 : 256, smem, stream>>>(a);

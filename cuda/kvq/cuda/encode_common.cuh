@@ -49,6 +49,9 @@ struct TokenwiseEncodeArgs : EncodeTarget {
 struct QjlEncodeArgs : EncodeTarget {
     int m = 0, m_outlier = 0, outliers = 0, sketch_rows = 0;
     const float* sketch = nullptr;  // device [sketch_rows][head_dim] (QjlKeyCodec::sketch())
+    // fp16 input without outliers runs qjl_encode_f16_kernel (encode.cuh); true keeps the previous
+    // kernel (every shape) for comparison. The bytes are the same either way.
+    bool legacy_kernel = false;
 };
 
 template <class TokCodec>

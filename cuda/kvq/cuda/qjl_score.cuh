@@ -27,6 +27,12 @@
 // path, and |score - exact| <= sqrt(pi/2)/m * ||k|| * m s / 2 (+ rounding). exact_query == true, any
 // outliers, or blocks of fewer than 16 tokens (a BMMA step is 16 tokens of one block) take the exact
 // float kernels above instead (a fallback, not a rejection; qjl_score_uses_tensor_path says which).
+// QjlScoreArgs::tc_pipelined (sm_90, off by default) replaces them with two launches:
+// qjl_query_prep_kernel (step 1 and the quantisation fused, bit-identical outputs) and
+// qjl_score_pipe_kernel (bulk copies of 64-token tiles through a per-warp shared-memory ring, started
+// early as a programmatic dependent launch so that its first copies overlap the preparation). Both
+// give bit-identical scores; the pipelined pair measured slower on an H100 (bench/RESULTS.md, round 3:
+// 51.2 vs 42.4 us at 64k tokens x 32 heads, 12.2 vs 9.9 us at 4k), so it stays opt-in until profiled.
 //
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
 // capture launch_qjl_score.
@@ -80,6 +86,16 @@ struct QjlScoreArgs {
     // query on tensor cores (see the top of this file; error bound there). true: the exact float
     // projection (nibble-table kernel), as QjlKeyCodec::prepare() + score().
     bool exact_query = false;
+    // Tensor path only. false (default): qjl_project_kernel, qjl_quantize_query_kernel,
+    // qjl_score_tc_kernel. true (sm_90; ignored below): one fused query-preparation launch
+    // (detail::launch_qjl_query_prep) and qjl_score_pipe_kernel, launched as its programmatic
+    // dependent. Both give bit-identical workspace contents and scores; the pipelined pair measured
+    // slower (see the top of this file), so it is opt-in.
+    bool tc_pipelined = false;
+    // Pipelined tensor kernel only: at most this many CTAs (0: one 64-token tile per warp, up to the
+    // resident limit). A small cap gives each warp a long run of tiles (ring wrap-around, page-id
+    // batches, KV-head changes); the tests use it, and it is a tuning knob for benchmarks.
+    int tc_max_ctas = 0;
 };
 
 // Whether launch_qjl_score takes the tensor-core path for these arguments (on an sm_80+ device).
@@ -192,6 +208,130 @@ static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf
             const std::size_t c = i / rows, jj = i % rows;
             st[i] = a.sketch[jj * d + c];
         }
+    }
+}
+
+// Programmatic dependent launch (sm_90): the query preparation lets the score kernel start early
+// (its page-table reads and code copies do not depend on the query), and the score kernel waits
+// for the preparation's results only where it first reads them. Both are no-ops when the launch
+// carries no programmatic dependency.
+__device__ __forceinline__ void qjl_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void qjl_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Query preparation in one launch: qjl_project_kernel (without S^T) followed by
+// qjl_quantize_query_kernel, with bit-identical outputs. grid = n_heads, kQjlPrepWarps warps.
+// Each warp projects 8 sketch rows at a time with coalesced 128-byte row reads: lane c keeps the
+// partial sums of the 8 rows over channels c, c + 32, ... (the same fmaf chain as
+// qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2, 1 adds
+// the same pairs in the same order as qjl_project_kernel's butterfly, so S q is bit-identical while
+// a row costs one shuffle instead of five. The rows stay in shared memory for the quantisation.
+// Requires m <= 1024 (a multiple of 32), head_dim <= 256, and proj rows of m floats.
+inline constexpr int kQjlPrepWarps = 16;
+static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
+    qjl_query_prep_kernel(QjlScoreArgs a, float* proj, float* qf, std::uint32_t* rec, float* projq) {
+    __shared__ float s_p[1024];
+    __shared__ float s_max[kQjlPrepWarps];
+    __shared__ int s_sum[kQjlPrepWarps];
+    qjl_pdl_launch_dependents();
+    const int h = blockIdx.x, d = a.head_dim, m = a.m;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const std::int64_t qs = a.query_stride ? a.query_stride : d;
+    float qv[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = lane + 32 * k;
+        qv[k] = c < d ? qjl_load_query(a.query, a.query_type, h * qs + c) : 0.f;
+        if (qf != nullptr && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
+    }
+    for (int tile = warp; tile < m / 8; tile += kQjlPrepWarps) {
+        const float* s0 = a.sketch + std::size_t(8 * tile) * d;
+        float v[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) v[r] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int c = lane + 32 * k;
+            if (c < d) {
+#pragma unroll
+                for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
+            }
+        }
+        // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
+        // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const bool up = lane & 16;
+            const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const bool up = lane & 8;
+            const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+        {
+            const bool up = lane & 4;
+            const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
+            v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        }
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+        if ((lane & 3) == 0) {
+            const int j = 8 * tile + lane / 4;
+            s_p[j] = v[0];
+            if (proj != nullptr) proj[std::size_t(h) * m + j] = v[0];
+        }
+    }
+    __syncthreads();
+    // qjl_quantize_query_kernel's arithmetic (max and integer sums do not depend on the order).
+    float mx = 0.f;
+    for (int j = threadIdx.x; j < m; j += blockDim.x) mx = fmaxf(mx, fabsf(s_p[j]));
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    if (lane == 0) s_max[warp] = mx;
+    __syncthreads();
+    float amax = 0.f;
+#pragma unroll
+    for (int w = 0; w < kQjlPrepWarps; ++w) amax = fmaxf(amax, s_max[w]);
+    const float s = amax > 0.f ? __fdiv_rn(amax, 127.0f) : 0.f;
+    const QjlQueryLayout L = QjlQueryLayout::of(m);
+    std::uint32_t* r = rec + std::size_t(h) * L.record_words();
+    int sum = 0;
+    for (int w = warp; w < L.words; w += kQjlPrepWarps) {  // words past m / 32 get u = 0: zero planes
+        const int j = 32 * w + lane;
+        int u = 0;
+        if (s > 0.f && j < m) u = min(127, max(-127, __float2int_rn(__fdiv_rn(s_p[j], s))));
+        sum += u;
+        const unsigned byte = static_cast<unsigned>(u) & 0xFFu;
+        std::uint32_t mine = 0;
+#pragma unroll
+        for (int n = 0; n < 8; ++n) {
+            const std::uint32_t word = __ballot_sync(0xffffffffu, (byte >> n) & 1u);
+            if (lane == n) mine = word;
+        }
+        if (lane < 8) r[std::size_t(lane) * L.words + w] = mine;
+        if (j < m) projq[std::size_t(h) * m + j] = static_cast<float>(u) * s;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) s_sum[warp] = sum;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int total = 0;
+        for (int w = 0; w < kQjlPrepWarps; ++w) total += s_sum[w];
+        r[8 * L.words] = __float_as_uint(s);
+        r[8 * L.words + 1] = static_cast<std::uint32_t>(total);
+        r[8 * L.words + 2] = 0u;
+        r[8 * L.words + 3] = 0u;
     }
 }
 
@@ -504,6 +644,221 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
     }
 }
 
+// Step 2, tensor-core path, pipelined (QjlScoreArgs::tc_pipelined on sm_90; otherwise the
+// kernel above). The work is a list of 64-token tiles (KV head major); each warp takes a contiguous
+// run of them and streams them through its own ring of `stages` shared-memory buffers filled by bulk
+// copies (cp.async.bulk, completion on one mbarrier per stage), refilled as soon as the warp has
+// scored a tile. The round-2 kernel spent ~8 instructions per token and exposed one page-table load
+// and its dependent code loads per 16 tokens; here one lane issues a tile's copies (a 64-token tile
+// of a block of >= 64 tokens is one contiguous range of codes and one of norms), the page ids of the
+// next 32 / nsub tiles come from one load per lane a batch ahead, and stages - 1 tiles stay in flight
+// while a tile is scored. A tile spans nsub = 64 / min(B, 64) blocks: sub-block i (lane i issues it)
+// is copied only when it holds a token below n_tokens, so no page past the sequence is read, and a
+// 16-token step never straddles a copied and an uncopied sub-block. The copies and page reads are
+// issued before griddepcontrol.wait, so they overlap the query preparation.
+// Stage layout: codes [64][code_bytes], then norms [64] fp16. The fragments, their K permutation and
+// the score arithmetic are qjl_score_tc_kernel's (bit-identical scores).
+inline constexpr int kQjlPipeWarps = 8;
+inline constexpr int kQjlPipeTile = 64;
+inline constexpr int kQjlPipeMaxStages = 4;
+inline constexpr int kQjlPipeBarBytes = kQjlPipeWarps * kQjlPipeMaxStages * 8;
+
+// 3 CTAs per SM (80 registers) where the B fragments are few; 2 (128) for the large G x K-step shapes
+// and the any-G kernel from 3 K steps, which spill at 80.
+template <int KS, int GT>
+__global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS) <= 4 ? 3 : 2)
+    qjl_score_pipe_kernel(QjlScoreArgs a, const std::uint32_t* rec, float c_in, int stages) {
+#if defined(KVQ_TC_HAS_BULK_COPY)
+    extern __shared__ __align__(16) std::uint8_t qjl_pipe_smem[];
+    constexpr int GR = GT > 0 ? GT : 1;
+    constexpr unsigned kFull = 0xffffffffu;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int G = GT > 0 ? GT : a.n_q_heads / a.n_kv_heads;
+    const int T = a.n_tokens, B = static_cast<int>(a.layout.block_tokens), bsh = __ffs(B) - 1;
+    const int cb = static_cast<int>(a.layout.code_bytes), nwords = a.m / 32;
+    const bool v8 = (a.m % 64) == 0;  // code rows 8-byte aligned, words come in pairs
+    // Powers of two: sub = 2^ssh tokens per sub-block, nsub = 2^nsh sub-blocks per tile, per tiles per batch.
+    const int sub = B < kQjlPipeTile ? B : kQjlPipeTile, nsub = kQjlPipeTile / sub, per = 32 / nsub;
+    const int ssh = __ffs(sub) - 1, nsh = __ffs(nsub) - 1, psh = __ffs(per) - 1;
+    const unsigned sub_code = static_cast<unsigned>(sub * cb), sub_norm = static_cast<unsigned>(sub * 2);
+    const int norms_at = kQjlPipeTile * cb, stage_bytes = norms_at + 2 * kQjlPipeTile, cb16 = 16 * cb;
+    const std::size_t norm_off = a.layout.token_side_offset();
+    std::uint64_t* bars = reinterpret_cast<std::uint64_t*>(qjl_pipe_smem) + warp * kQjlPipeMaxStages;
+    std::uint8_t* ring = qjl_pipe_smem + kQjlPipeBarBytes + warp * stages * stage_bytes;
+
+    const long long tph = (T + kQjlPipeTile - 1) / kQjlPipeTile;  // tiles per KV head
+    const long long items = tph * a.n_kv_heads;
+    const long long nwt = static_cast<long long>(gridDim.x) * kQjlPipeWarps;
+    const long long wg = static_cast<long long>(blockIdx.x) * kQjlPipeWarps + warp;
+    const long long i0 = wg * items / nwt;
+    const int n = static_cast<int>((wg + 1) * items / nwt - i0);
+    if (n <= 0) return;  // warp-uniform; no CTA-wide barrier below
+
+    if (lane == 0) {
+        for (int s = 0; s < stages; ++s) tc::mbar_init(bars + s, 1);
+        tc::fence_mbar_init();
+    }
+    __syncwarp();
+
+    // Page ids of batch b (tiles [b * per, (b + 1) * per) of this warp): lane L holds sub-block
+    // L % nsub of tile b * per + L / nsub (0 where there is none).
+    auto load_batch = [&](int b) -> std::uint32_t {
+        const int k = (b << psh) + (lane >> nsh);
+        if (k >= n) return 0u;
+        const long long item = i0 + k;
+        const int kv = static_cast<int>(item / tph);
+        const int tok = static_cast<int>(item % tph) * kQjlPipeTile + ((lane & (nsub - 1)) << ssh);
+        if (tok >= T) return 0u;
+        return __ldg(a.pages + static_cast<std::int64_t>(kv) * a.page_stride + (tok >> bsh));
+    };
+    std::uint32_t pb_cur = load_batch(0), pb_next = load_batch(1);
+    // Issue cursor (tiles are issued in order 0, 1, ..., n - 1).
+    int is_tile = static_cast<int>(i0 % tph), is_stage = 0;
+    auto issue = [&](int k) {
+        const int kb = k & (per - 1);
+        if (kb == 0 && k > 0) {
+            pb_cur = pb_next;
+            pb_next = load_batch((k >> psh) + 1);
+        }
+        const std::uint32_t pid = __shfl_sync(kFull, pb_cur, (kb << nsh) + (lane & (nsub - 1)));
+        const int t0 = is_tile * kQjlPipeTile;
+        const int nvs = min(nsub, (T - t0 + sub - 1) >> ssh);
+        std::uint8_t* st = ring + is_stage * stage_bytes;
+        std::uint64_t* bar = bars + is_stage;
+        if (lane == 0) {
+            tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
+            tc::mbar_arrive_expect_tx(bar, static_cast<unsigned>(nvs) * (sub_code + sub_norm));
+        }
+        if (lane < nvs) {
+            const std::uint8_t* blk = a.pool + std::size_t(pid) * a.block_bytes;
+            const int tb = (t0 + (lane << ssh)) & (B - 1);
+            tc::bulk_g2s(st + lane * sub_code, blk + std::size_t(tb) * cb, sub_code, bar);
+            tc::bulk_g2s(st + norms_at + lane * sub_norm, blk + norm_off + std::size_t(tb) * 2, sub_norm, bar);
+        }
+        if (++is_stage == stages) is_stage = 0;
+        if (++is_tile == tph) is_tile = 0;
+    };
+    const int pre = n < stages ? n : stages;
+    for (int k = 0; k < pre; ++k) issue(k);
+
+    // The records are written by the preparation kernel while this grid may already run: read them
+    // after the wait, and through L2 (__ldcg), since the non-coherent path (__ldg) assumes data that
+    // is read-only for the whole kernel.
+    qjl_pdl_wait();
+
+    const QjlQueryLayout QL = QjlQueryLayout::of(a.m);
+    const std::size_t rw = QL.record_words();
+    const std::int64_t ss = a.score_stride ? a.score_stride : T;
+    const int wt0 = 1 << (2 * t), wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
+    const int row = g + 8 * (t & 1);  // the row whose score this lane writes (t < 2)
+    std::uint32_t bq[GR][KS][2];
+    float cs[GR];
+    int usum[GR];
+    int frag_kv = -1;
+    int kv = static_cast<int>(i0 / tph), tile = static_cast<int>(i0 % tph), stage = 0;
+    unsigned parity = 0;
+    for (int k = 0; k < n; ++k) {
+        const std::uint32_t* rec0 = rec + std::size_t(kv) * G * rw;
+        if constexpr (GT > 0) {
+            if (kv != frag_kv) {  // warp-uniform
+                frag_kv = kv;
+#pragma unroll
+                for (int hh = 0; hh < GR; ++hh) {
+                    const std::uint32_t* r = rec0 + hh * rw;
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks) {
+                        const uint2 b =
+                            __ldcg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                        bq[hh][ks][0] = b.x;
+                        bq[hh][ks][1] = b.y;
+                    }
+                    cs[hh] = c_in * __uint_as_float(__ldcg(r + 8 * QL.words));
+                    usum[hh] = static_cast<int>(__ldcg(r + 8 * QL.words + 1));
+                }
+            }
+        }
+        const std::uint8_t* st = ring + stage * stage_bytes;
+        tc::mbar_wait(bars + stage, parity);
+        const int t0 = tile * kQjlPipeTile;
+        float* out = a.scores + std::size_t(kv) * G * ss + (t0 + row);  // + hh * ss + 16 u
+        const std::uint8_t* fr = st + g * cb;                           // + (16 u) cb: row g of step u
+        const unsigned short* nr = reinterpret_cast<const unsigned short*>(st + norms_at) + row;
+#pragma unroll
+        for (int u = 0; u < kQjlPipeTile / 16; ++u) {
+            const int p = t0 + 16 * u;
+            if (p >= T) break;  // warp-uniform
+            std::uint32_t av[KS][4];
+            const std::uint8_t* r0 = fr + u * cb16;
+            const std::uint8_t* r1 = r0 + 8 * cb;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const int w0 = 8 * ks + 2 * t;
+                av[ks][0] = av[ks][1] = av[ks][2] = av[ks][3] = 0u;
+                if (v8) {
+                    if (w0 < nwords) {
+                        const uint2 lo = *reinterpret_cast<const uint2*>(r0 + 4 * w0);
+                        const uint2 hi = *reinterpret_cast<const uint2*>(r1 + 4 * w0);
+                        av[ks][0] = lo.x;
+                        av[ks][1] = hi.x;
+                        av[ks][2] = lo.y;
+                        av[ks][3] = hi.y;
+                    }
+                } else {
+                    const std::uint32_t* q0 = reinterpret_cast<const std::uint32_t*>(r0);
+                    const std::uint32_t* q1 = reinterpret_cast<const std::uint32_t*>(r1);
+                    if (w0 < nwords) {
+                        av[ks][0] = q0[w0];
+                        av[ks][1] = q1[w0];
+                    }
+                    if (w0 + 1 < nwords) {
+                        av[ks][2] = q0[w0 + 1];
+                        av[ks][3] = q1[w0 + 1];
+                    }
+                }
+            }
+            // Hardware conversion: exact, as kvq::half_to_float (whose subnormal branches cost here).
+            const float nrm = __half2float(__ushort_as_half(nr[16 * u]));
+            const bool store = t < 2 && p + row < T;
+            auto score_head = [&](int hh, const std::uint32_t(*b)[2], float csh, int ush) {
+                int c[4] = {0, 0, 0, 0};
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) tc::bmma_m16n8k256_popc(c, av[ks], b[ks]);
+                const int x0 = c[0] * wt0 + c[1] * wt1, x1 = c[2] * wt0 + c[3] * wt1;
+                int mine = (t & 1) ? x1 : x0;
+                mine += __shfl_xor_sync(kFull, (t & 1) ? x0 : x1, 1);
+                mine += __shfl_xor_sync(kFull, mine, 2);
+                if (store) out[std::size_t(hh) * ss + 16 * u] = (csh * nrm) * static_cast<float>(2 * mine - ush);
+            };
+            if constexpr (GT > 0) {
+#pragma unroll
+                for (int hh = 0; hh < GR; ++hh) score_head(hh, bq[hh], cs[hh], usum[hh]);
+            } else {
+                for (int hh = 0; hh < G; ++hh) {
+                    const std::uint32_t* r = rec0 + hh * rw;
+                    std::uint32_t b[KS][2];
+#pragma unroll
+                    for (int ks = 0; ks < KS; ++ks) {
+                        const uint2 v =
+                            __ldcg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                        b[ks][0] = v.x;
+                        b[ks][1] = v.y;
+                    }
+                    score_head(hh, b, c_in * __uint_as_float(__ldcg(r + 8 * QL.words)),
+                               static_cast<int>(__ldcg(r + 8 * QL.words + 1)));
+                }
+            }
+        }
+        __syncwarp();  // every lane has read this stage before it is refilled
+        if (k + stages < n) issue(k + stages);
+        if (++stage == stages) stage = 0, parity ^= 1u;
+        if (++tile == tph) tile = 0, ++kv;
+    }
+#else
+    (void)a, (void)rec, (void)c_in, (void)stages;
+    __trap();  // the host selects this kernel on sm_90+ only
+#endif
+}
+
 inline int qjl_pick_gt(int G, int m) {
     for (int gt : {8, 4, 2}) {
         if (G % gt == 0 && std::size_t(gt) * 16 * m <= kQjlSmemBudget) return gt;
@@ -543,6 +898,71 @@ inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, in
         go(qjl_score_tc_kernel<KS, 0>, "qjl_score_tc_kernel<any G>");
 }
 
+// Stages per warp: as many as fit 72 KB per CTA (3 CTAs per SM at m = 256), 2 to 4.
+inline int qjl_pipe_stages(const QjlScoreArgs& a) {
+    const int stage_bytes = kQjlPipeTile * static_cast<int>(a.layout.code_bytes) + 2 * kQjlPipeTile;
+    const int s = (72 * 1024) / (kQjlPipeWarps * stage_bytes);
+    return s < 2 ? 2 : (s > kQjlPipeMaxStages ? kQjlPipeMaxStages : s);
+}
+inline std::size_t qjl_pipe_smem_bytes(const QjlScoreArgs& a, int stages) {
+    const std::size_t stage_bytes = std::size_t(kQjlPipeTile) * a.layout.code_bytes + 2 * kQjlPipeTile;
+    return kQjlPipeBarBytes + std::size_t(kQjlPipeWarps) * stages * stage_bytes;
+}
+
+// Launches qjl_score_pipe_kernel<KS, GT> (GT chosen as for qjl_score_tc_kernel) as a programmatic
+// dependent of the previous launch on the stream (the query preparation). Grid: enough CTAs for
+// one tile per warp, at most what is resident at once (each warp then owns a contiguous run of
+// tiles; the split is exact to one tile).
+template <int KS>
+inline void qjl_launch_pipe_ks(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+    const int G = a.n_q_heads / a.n_kv_heads;
+    const int stages = qjl_pipe_stages(a);
+    const std::size_t smem = qjl_pipe_smem_bytes(a, stages);
+    const long long items = static_cast<long long>((a.n_tokens + kQjlPipeTile - 1) / kQjlPipeTile) * a.n_kv_heads;
+    const float c_in = static_cast<float>(std::sqrt(kQjlHalfPi) / a.m);  // as QjlKeyCodec::score
+    auto go = [&](auto kernel, const char* name) {
+        KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        int per_sm = 0;
+        KVQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kQjlPipeWarps * 32, smem));
+        if (per_sm < 1) per_sm = 1;
+        long long ctas = (items + kQjlPipeWarps - 1) / kQjlPipeWarps;
+        const long long resident = static_cast<long long>(sms > 0 ? sms : 1) * per_sm;
+        if (ctas > resident) ctas = resident;
+        if (a.tc_max_ctas > 0 && ctas > a.tc_max_ctas) ctas = a.tc_max_ctas;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+        cfg.blockDim = dim3(kQjlPipeWarps * 32);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, rec, c_in, stages));
+        KVQ_CUDA_CHECK_LAUNCH(name);
+    };
+    if (G == 1)
+        go(qjl_score_pipe_kernel<KS, 1>, "qjl_score_pipe_kernel<G=1>");
+    else if (G == 2)
+        go(qjl_score_pipe_kernel<KS, 2>, "qjl_score_pipe_kernel<G=2>");
+    else if (G == 4)
+        go(qjl_score_pipe_kernel<KS, 4>, "qjl_score_pipe_kernel<G=4>");
+    else if (G == 8 && KS <= 2)
+        go(qjl_score_pipe_kernel<KS, (KS <= 2 ? 8 : 0)>, "qjl_score_pipe_kernel<G=8>");
+    else
+        go(qjl_score_pipe_kernel<KS, 0>, "qjl_score_pipe_kernel<any G>");
+}
+
+inline void qjl_launch_pipe(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+    switch ((a.m + 255) / 256) {
+        case 1: qjl_launch_pipe_ks<1>(a, rec, sms, stream); break;
+        case 2: qjl_launch_pipe_ks<2>(a, rec, sms, stream); break;
+        case 3: qjl_launch_pipe_ks<3>(a, rec, sms, stream); break;
+        default: qjl_launch_pipe_ks<4>(a, rec, sms, stream); break;
+    }
+}
+
 inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
     switch ((a.m + 255) / 256) {
         case 1: qjl_launch_tc_ks<1>(a, rec, sms, stream); break;
@@ -550,6 +970,28 @@ inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, int s
         case 3: qjl_launch_tc_ks<3>(a, rec, sms, stream); break;
         default: qjl_launch_tc_ks<4>(a, rec, sms, stream); break;
     }
+}
+
+// The query preparation of the tensor path in one launch on `stream` (qjl_query_prep_kernel):
+// for each of a.n_q_heads heads, from a.query (a.query_type, a.query_stride), a.sketch
+// ([a.m][a.head_dim]), a.head_dim and a.m (other fields unused; needs m a multiple of 32 in
+// [32, 1024], head_dim <= 256):
+//   proj  [n_q_heads][m] fp32 S q (nullptr: not written)
+//   qf    [n_q_heads][head_dim] fp32 q (nullptr: not written)
+//   rec   [n_q_heads][QjlQueryLayout::of(m).record_words()] the int8 bit-sliced records
+//   projq [n_q_heads][m] fp32 u * s
+// Bit-identical to qjl_project_kernel (st = nullptr) followed by qjl_quantize_query_kernel. It lets
+// the next launch on the stream start early (programmatic dependent launch); a kernel launched
+// that way must execute griddepcontrol.wait before reading these outputs, any other launch is
+// ordered as usual. No host synchronisation; graph-capturable.
+inline void launch_qjl_query_prep(const QjlScoreArgs& a, float* proj, float* qf, std::uint32_t* rec, float* projq,
+                                  cudaStream_t stream) {
+    KVQ_CHECK(a.m >= 32 && a.m <= 1024 && a.m % 32 == 0 && a.head_dim >= 1 && a.head_dim <= 256 && a.n_q_heads > 0,
+              "kvq::cuda::detail::launch_qjl_query_prep: needs m a multiple of 32 in [32, 1024], head_dim <= 256");
+    KVQ_CHECK(rec != nullptr && projq != nullptr && a.sketch != nullptr && a.query != nullptr,
+              "kvq::cuda::detail::launch_qjl_query_prep: sketch, query, rec and projq must be set");
+    qjl_query_prep_kernel<<<a.n_q_heads, kQjlPrepWarps * 32, 0, stream>>>(a, proj, qf, rec, projq);
+    KVQ_CUDA_CHECK_LAUNCH("qjl_query_prep_kernel");
 }
 
 }  // namespace detail
@@ -616,6 +1058,13 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
     KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
     const bool tensor = qjl_score_uses_tensor_path(a) && cc_major >= 8;  // BMMA needs sm_80+
 
+    if (tensor && a.tc_pipelined && cc_major >= 9) {
+        auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
+        detail::launch_qjl_query_prep(a, proj, qf, rec, reinterpret_cast<float*>(base + w.projq), stream);
+        if (a.n_tokens == 0) return;
+        detail::qjl_launch_pipe(a, rec, sms, stream);
+        return;
+    }
     const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
     detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
     KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
