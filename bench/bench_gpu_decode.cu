@@ -10,6 +10,9 @@
 // tables + query + output + the split-K partials (written and read back); fp16: K + V + query +
 // output + partials. "% copy" relates bytes / graph time to the device-to-device cudaMemcpy
 // bandwidth measured in the same binary (read + write counted).
+// Every configuration the tensor-core kernel takes (QJL keys, token-wise int4 keys, WKV int4 keys) gets
+// three rows: "[tensor cores]" (the default call: bulk-copy staging), "[tensor cores, per-lane
+// cp.async]" and "[CUDA cores]" (cuda_core_only, the previous kernel), side by side.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -458,8 +461,20 @@ int main(int argc, char** argv) {
                     KVQ_CUDA_CHECK(cudaFree(scores));
                     KVQ_CUDA_CHECK(cudaFree(sws));
                 }
-                std::printf("done: %s batch %d T %d (copies %d, chunks %d)\n", name.c_str(), batch, T, copies,
-                            n_chunks);
+                {
+                    const kvq::cuda::detail::DecPlan pl = kvq::cuda::detail::dec_plan(a);
+                    const int G = a.n_q_heads / a.n_kv_heads;
+                    if (pl.tc)
+                        std::printf(
+                            "done: %s batch %d T %d (copies %d, chunks %d; tensor cores: %d chunks of %d, %d stages, "
+                            "%zu B shared memory per CTA, %d CTAs per SM)\n",
+                            name.c_str(), batch, T, copies, n_chunks, pl.n_main, pl.chunk,
+                            kvq::cuda::detail::tc_pick_stages(a), kvq::cuda::detail::tc_smem_bytes(a, G),
+                            kvq::cuda::detail::tc_ctas_per_sm(a));
+                    else
+                        std::printf("done: %s batch %d T %d (copies %d, chunks %d)\n", name.c_str(), batch, T, copies,
+                                    n_chunks);
+                }
                 for (auto& c : cs) {
                     KVQ_CUDA_CHECK(cudaFree(c.kpool));
                     KVQ_CUDA_CHECK(cudaFree(c.vpool));

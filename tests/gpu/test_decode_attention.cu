@@ -69,11 +69,12 @@ struct DecCase {
     bool cur = true;
     int chunk = 0;
     bool graph = false;
-    bool wkv = false;     // WKVQuant smoothing: k_scale folded into q, output un-smoothed (v_scale, v_shift)
-    float qscale = 0.4f;  // query entries ~ N(0, qscale^2): larger = sharper attention
-    float vscale = 1.f;   // value entries ~ N(0, vscale^2): small values test the weight scaling
-    int expect_tc = -1;   // 1 / 0: assert that the tensor-core path is / is not taken
-    bool bulk = false;    // DecodeAttentionArgs::tc_bulk_staging (the library's default is true)
+    bool wkv = false;        // WKVQuant smoothing: k_scale folded into q, output un-smoothed (v_scale, v_shift)
+    float qscale = 0.4f;     // query entries ~ N(0, qscale^2): larger = sharper attention
+    float vscale = 1.f;      // value entries ~ N(0, vscale^2): small values test the weight scaling
+    int expect_tc = -1;      // 1 / 0: assert that the tensor-core path is / is not taken
+    bool bulk = false;       // DecodeAttentionArgs::tc_bulk_staging (the library's default is true)
+    bool cuda_core = false;  // DecodeAttentionArgs::cuda_core_only
 };
 
 std::string describe(const DecCase& c) {
@@ -83,8 +84,9 @@ std::string describe(const DecCase& c) {
         " v=int" + std::to_string(c.vbits) + " g" + std::to_string(c.vgroup) + " G=" + std::to_string(c.group) +
         " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
         " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
-        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + (c.bulk ? " bulk" : "") + " q*" + std::to_string(c.qscale) +
-        " v*" + std::to_string(c.vscale) + " lens=";
+        (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + (c.bulk ? " bulk" : "") +
+        (c.cuda_core ? " cuda_core_only" : "") + " q*" + std::to_string(c.qscale) + " v*" + std::to_string(c.vscale) +
+        " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -283,6 +285,7 @@ void run_case(const DecCase& c) {
 
     kvq::cuda::DecodeAttentionArgs a;
     a.tc_bulk_staging = c.bulk;
+    a.cuda_core_only = c.cuda_core;
     a.head_dim = d;
     a.n_q_heads = Hq;
     a.n_kv_heads = H;
@@ -571,18 +574,107 @@ TEST(DecodeAttentionGpu, TensorCorePathShapes) {
     run_case(wide);
 }
 
-TEST(DecodeAttentionGpu, IntKeysMatchCpuAndFloat64) {
-    for (int d : {64, 128, 256})
-        for (int group : {1, 4}) {
-            run_case(int_case(d, 4, 4, group, {1500, 257, 9}));
-            DecCase c = int_case(d, d == 64 ? 2 : 8, d == 256 ? 2 : 8, group, {129, 77, 1025});
-            c.kgroup = d == 64 ? 16 : 32;
-            c.vgroup = 64;
-            c.B = 16;
-            c.kwin = 3;
-            c.vwin = 0;
+// The tensor-core kernel with token-wise int keys (decode_attention_tc.cuh): head dims 64/128/256, key
+// and value bits 2/4/8, key groups from 16 (up to 4 group classes per lane quarter) to d, value groups,
+// GQA 1/2/4, blocks 16..256, explicit and automatic chunk splits, both staging paths, fp32 windows and
+// the exact current token, WKV smoothing (k_scale folded into the key B operand, values un-smoothed
+// by the combine), sharp and flat attention, tiny values, a graph replay, and the shapes it must
+// refuse (too many (head, group) combinations per k-step, key groups of 8, cuda_core_only).
+TEST(DecodeAttentionGpu, TensorCorePathIntKeys) {
+    struct S {
+        int d, kbits, kgroup, vbits, vgroup, group, B, chunk;
+        bool wkv;
+    };
+    const S shapes[] = {
+        {128, 4, 32, 4, 32, 1, 64, 0, false},      // the benchmark's int4 K + V
+        {128, 4, 128, 4, 128, 1, 64, 256, true},   // the benchmark's WKV int4 g128
+        {128, 4, 128, 4, 128, 4, 128, 0, true},    // WKV, GQA 4
+        {64, 2, 16, 2, 16, 1, 16, 512, false},     // 4 key groups of 16, blocks of 16
+        {64, 8, 64, 8, 32, 2, 32, 0, false},       // one key group, GQA 2
+        {256, 8, 32, 2, 64, 1, 128, 0, false},     // 8 key groups: 2 classes per lane quarter
+        {256, 4, 16, 2, 128, 1, 256, 256, false},  // 16 key groups: 4 classes
+        {128, 2, 16, 4, 64, 1, 32, 0, true},       // 8 key groups at d = 128, WKV
+        {128, 8, 64, 2, 64, 2, 64, 0, true},       // 2 key groups x GQA 2, WKV
+        {256, 4, 256, 4, 256, 4, 64, 0, true},     // WKV d = 256, GQA 4
+        {64, 4, 64, 4, 64, 4, 256, 256, false},    // GQA 4, blocks of 256
+        {128, 2, 128, 8, 32, 1, 16, 256, false},   // 2-bit keys, 8-bit values
+    };
+    for (const S& sh : shapes)
+        for (bool bulk : {false, true}) {
+            DecCase c = int_case(sh.d, sh.kbits, sh.vbits, sh.group, {4999, 1, 2048});
+            c.kgroup = sh.kgroup;
+            c.vgroup = sh.vgroup;
+            c.B = sh.B;
+            c.chunk = sh.chunk;
+            c.wkv = sh.wkv;
+            c.bulk = bulk;
+            c.expect_tc = 1;
             run_case(c);
         }
+    // Odd lengths (partial last step and tile), no windows or current token: everything but the last
+    // < 16 positions on tensor cores.
+    DecCase odd = int_case(128, 4, 4, 1, {17, 33, 1000, 4095});
+    odd.kwin = odd.vwin = 0;
+    odd.cur = false;
+    odd.bulk = true;
+    odd.expect_tc = 1;
+    run_case(odd);
+    DecCase sharp = int_case(128, 4, 4, 1, {3000, 77, 640});
+    sharp.qscale = 3.0f;
+    sharp.expect_tc = 1;
+    run_case(sharp);
+    DecCase flat = int_case(128, 8, 2, 2, {3000, 77, 640});  // tiny query: the key B scaling
+    flat.kgroup = flat.vgroup = 64;
+    flat.qscale = 1e-3f;
+    flat.expect_tc = 1;
+    run_case(flat);
+    DecCase tiny = int_case(128, 4, 4, 2, {3000, 77, 640});
+    tiny.kgroup = tiny.vgroup = 64;
+    tiny.vscale = 1e-3f;
+    tiny.kwin = tiny.vwin = 0;
+    tiny.cur = false;
+    tiny.expect_tc = 1;
+    run_case(tiny);
+    DecCase g = int_case(128, 4, 4, 1, {3000, 77, 640});
+    g.kgroup = g.vgroup = 128;
+    g.wkv = true;
+    g.bulk = true;
+    g.graph = true;
+    g.expect_tc = 1;
+    run_case(g);
+    // Refused: G x key groups per k-step = 8 > 4; key groups of 8; the CUDA-core kernel on request.
+    DecCase wide = int_case(128, 4, 4, 2, {300, 2, 9});
+    wide.kgroup = 32;
+    wide.vgroup = 64;
+    wide.expect_tc = 0;
+    run_case(wide);
+    DecCase narrow = int_case(128, 4, 4, 1, {300, 2, 9});
+    narrow.kgroup = 8;
+    narrow.expect_tc = 0;
+    run_case(narrow);
+    DecCase forced = int_case(128, 4, 4, 1, {1000, 37, 333});
+    forced.cuda_core = true;
+    forced.expect_tc = 0;
+    run_case(forced);
+}
+
+// Every shape on the default path (tensor cores where tc_supported) and on the CUDA-core kernel.
+TEST(DecodeAttentionGpu, IntKeysMatchCpuAndFloat64) {
+    for (int d : {64, 128, 256})
+        for (int group : {1, 4})
+            for (bool cuda_core : {false, true}) {
+                DecCase a = int_case(d, 4, 4, group, {1500, 257, 9});
+                a.cuda_core = cuda_core;
+                run_case(a);
+                DecCase c = int_case(d, d == 64 ? 2 : 8, d == 256 ? 2 : 8, group, {129, 77, 1025});
+                c.kgroup = d == 64 ? 16 : 32;
+                c.vgroup = 64;
+                c.B = 16;
+                c.kwin = 3;
+                c.vwin = 0;
+                c.cuda_core = cuda_core;
+                run_case(c);
+            }
 }
 
 TEST(DecodeAttentionGpu, NarrowGroups) {
@@ -618,13 +710,16 @@ TEST(DecodeAttentionGpu, SplitKChunksAndEmptySequences) {
 // WKVQuant 4-bit K and V (token-wise, g = d) with the static smoothing folded into q and the output.
 TEST(DecodeAttentionGpu, WkvKeysAndValuesMatchCpuAndFloat64) {
     for (int d : {64, 128, 256})
-        for (int group : {1, 4}) {
-            DecCase c = int_case(d, 4, 4, group, {1500, 257, 9});
-            c.kgroup = d;
-            c.vgroup = d;
-            c.wkv = true;
-            run_case(c);
-        }
+        for (int group : {1, 4})
+            for (bool cuda_core : {false, true}) {  // tensor cores (all of these shapes), CUDA cores
+                DecCase c = int_case(d, 4, 4, group, {1500, 257, 9});
+                c.kgroup = d;
+                c.vgroup = d;
+                c.wkv = true;
+                c.cuda_core = cuda_core;
+                c.expect_tc = cuda_core ? 0 : 1;
+                run_case(c);
+            }
     DecCase c = int_case(128, 4, 4, 1, {700, 33, 2100});
     c.kgroup = c.vgroup = 128;
     c.wkv = true;

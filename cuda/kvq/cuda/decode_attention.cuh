@@ -22,10 +22,11 @@
 // checked; capturable in a CUDA graph):
 //  0. (QJL keys) qjl_project_kernel from qjl_score.cuh: S q for every (sequence, query head), then
 //     qjl_quantize_query_kernel: its int8 record.
-//  1a. When detail::tc_supported() (QJL keys, int2/4/8 values, G <= 4, see decode_attention_tc.cuh;
-//     DecodeAttentionArgs::cuda_core_only turns it off): decode_tc_kernel on tensor cores over the
-//     encoded positions [0, E), E = min(k_encoded, v_encoded, n_tokens) rounded down to 16; the
-//     CUDA-core kernel below then does only the rest (windows, current token) in "tail" mode.
+//  1a. When detail::tc_supported() (QJL or token-wise int 2/4/8 keys incl. WKV, int2/4/8 values,
+//     G <= 4, see decode_attention_tc.cuh; DecodeAttentionArgs::cuda_core_only turns it off):
+//     decode_tc_kernel on tensor cores over the encoded positions [0, E), E = min(k_encoded,
+//     v_encoded, n_tokens) rounded down to 16; the CUDA-core kernel below then does only the rest
+//     (windows, current token) in "tail" mode.
 //  1. decode_partial_kernel, grid (chunks, KV heads, batch), 256 threads: split-K over the sequence.
 //     A CTA takes a chunk of positions and GT query heads of one KV head (all G heads of the group
 //     share one read of the codes when G <= 8). Tiles of 256 positions: one thread per position
@@ -186,11 +187,11 @@ inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
     if (a.chunk_tokens > 0) {
         p.chunk = a.chunk_tokens;
     } else {
-        // Chunks per (sequence, KV head) such that the CTAs fill whole waves of 3 per SM (the kernel's
-        // occupancy for the common shapes): the best wave efficiency, fewer chunks on ties.
+        // Chunks per (sequence, KV head) such that the CTAs fill whole waves of the kernel's resident
+        // CTAs (tc_ctas_per_sm per SM): the best wave efficiency, fewer chunks on ties.
         int dev = 0, sms = 132;
         if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        const long long slots = 3LL * (sms > 0 ? sms : 132);
+        const long long slots = static_cast<long long>(std::max(1, tc_ctas_per_sm(a))) * (sms > 0 ? sms : 132);
         const long long heads = static_cast<long long>(a.batch) * a.n_kv_heads, T = a.max_tokens > 0 ? a.max_tokens : 1;
         long long best_chunk = (T + 255) / 256 * 256;
         double best_eff = -1;
@@ -794,25 +795,37 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
                                                                     accp);
             KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel");
         };
-        auto with_g = [&](auto d_c, auto vb_c) {
-            constexpr int Dc = decltype(d_c)::value, VBc = decltype(vb_c)::value;
+        // Template arguments: head dim, value bits, G, key bits (0 = QJL).
+        auto with_g = [&](auto d_c, auto vb_c, auto kb_c) {
+            constexpr int Dc = decltype(d_c)::value, VBc = decltype(vb_c)::value, KBc = decltype(kb_c)::value;
             switch (G) {
-                case 1: tlaunch(detail::decode_tc_kernel<Dc, VBc, 1>); break;
-                case 2: tlaunch(detail::decode_tc_kernel<Dc, VBc, 2>); break;
-                default: tlaunch(detail::decode_tc_kernel<Dc, VBc, 4>); break;
+                case 1: tlaunch(detail::decode_tc_kernel<Dc, VBc, 1, KBc>); break;
+                case 2: tlaunch(detail::decode_tc_kernel<Dc, VBc, 2, KBc>); break;
+                default: tlaunch(detail::decode_tc_kernel<Dc, VBc, 4, KBc>); break;
             }
         };
-        auto with_vb = [&](auto d_c) {
+        auto with_vb = [&](auto d_c, auto kb_c) {
             switch (a.value_bits) {
-                case 2: with_g(d_c, std::integral_constant<int, 2>{}); break;
-                case 4: with_g(d_c, std::integral_constant<int, 4>{}); break;
-                default: with_g(d_c, std::integral_constant<int, 8>{}); break;
+                case 2: with_g(d_c, std::integral_constant<int, 2>{}, kb_c); break;
+                case 4: with_g(d_c, std::integral_constant<int, 4>{}, kb_c); break;
+                default: with_g(d_c, std::integral_constant<int, 8>{}, kb_c); break;
+            }
+        };
+        auto with_kb = [&](auto d_c) {
+            if (a.key_format == KeyFormat::Qjl) {
+                with_vb(d_c, std::integral_constant<int, 0>{});
+                return;
+            }
+            switch (a.key_bits) {
+                case 2: with_vb(d_c, std::integral_constant<int, 2>{}); break;
+                case 4: with_vb(d_c, std::integral_constant<int, 4>{}); break;
+                default: with_vb(d_c, std::integral_constant<int, 8>{}); break;
             }
         };
         switch (a.head_dim) {
-            case 64: with_vb(std::integral_constant<int, 64>{}); break;
-            case 128: with_vb(std::integral_constant<int, 128>{}); break;
-            default: with_vb(std::integral_constant<int, 256>{}); break;
+            case 64: with_kb(std::integral_constant<int, 64>{}); break;
+            case 128: with_kb(std::integral_constant<int, 128>{}); break;
+            default: with_kb(std::integral_constant<int, 256>{}); break;
         }
     }
     const int chunk = plan.tail_chunk, n_chunks = plan.n_tail;

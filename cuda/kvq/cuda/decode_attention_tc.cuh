@@ -1,14 +1,30 @@
 #pragma once
-// Tensor-core fused decode attention for QJL keys (no outliers) and token-wise int 2/4/8 values.
-// Included by decode_attention.cuh (it needs DecodeAttentionArgs); launch_decode_attention picks it
-// when tc_supported() says the shape fits, and falls back to the CUDA-core kernel otherwise.
+// Tensor-core fused decode attention for QJL keys (no outliers) or token-wise int 2/4/8 keys (plain
+// or WKV-smoothed), with token-wise int 2/4/8 values. Included by decode_attention.cuh (it needs
+// DecodeAttentionArgs); launch_decode_attention picks it when tc_supported() says the shape fits,
+// and falls back to the CUDA-core kernel otherwise. One kernel body, decode_tc_kernel<D, VBITS, G,
+// KBITS>: KBITS = 0 scores QJL keys, 2/4/8 token-wise keys; staging, softmax, values and the
+// partial write are shared.
 //
 // Why: at 82 bytes per (position, head) (QJL m = 256 + int2 g32 values, d = 128) memory speed leaves
 // ~5-25 warp instructions per position; the CUDA-core kernel spends ~65. Here both halves run on
 // tensor cores and a position costs ~8:
-//  * Scores: the int8 bit-sliced query (qjl_query.cuh) as the 8 columns of a BMMA (AND + popcount),
+//  * QJL scores: the int8 bit-sliced query (qjl_query.cuh) as the 8 columns of a BMMA (AND + popcount),
 //    16 keys x 256 code bits per instruction, so the stored sign bits are the A operand unchanged.
 //    est = ((cs * ||k||) * float(2T - usum)) / sqrt(d): the CPU's decode scorer (prepare_fast).
+//  * Token-wise int scores: s = sum_grp step * (sum_{i in grp} q'_i c_i) + min * (sum_{i in grp} q'_i),
+//    q' = q (.) k_scale (WKV; 1 without). The code sums on mma.m16n8k16: A = the codes of 16 positions
+//    (rows) x 16 channels, two channels of one position per register taken out of one packed 32-bit
+//    word by one AND (a code of each 16-bit half), i.e. fp16 subnormals c * 2^(sh - 24) (exact);
+//    lane t's K indices are channels of its quarter [t d/4, (t+1) d/4) of the row. B = q' as fp16
+//    hi + lo (2^-22 relative), built once per CTA: column (head, group) combination c & 3, hi for
+//    c < 4, lo for c >= 4, zero outside the column's group; each entry is scaled by 2^(E - sh) (sh:
+//    the code's shift, so the accumulator holds sum q' c * 2^(E - 24) for every channel alike; E per
+//    (head, group) puts the group's largest |q'| near 2^13). A k-step of 16 channels touches at most
+//    4 groups (one per lane quarter), so 4 combinations (G x groups per k-step <= 4) fill the 8
+//    columns; with more than 4 groups (group < d/4) the k-steps of each group class (sub-group of
+//    every quarter) accumulate separately and are folded into the scores with their fp32 steps and
+//    minima from shared memory.
 //  * Values: out^T[d] = V^T[d x 16 positions] * w[16] per step with mma.m16n8k16 (fp16 in, fp32
 //    accumulate). A = the codes of 16 channels at 16 positions, each 2-code pair taken out of the
 //    packed stream by one PRMT (pair two positions) and one AND (keep one code of each half), which
@@ -19,21 +35,21 @@
 //    run) so that the tile's largest weight is near 2^14; acc is kept in those units.
 //    The minimum term sum_p p * min is summed in fp32 on the side.
 //  * Softmax: fp32 online softmax per warp (running max / sum), warps merged per CTA, chunks merged by
-//    decode_combine_kernel exactly as on the CUDA-core path.
+//    decode_combine_kernel exactly as on the CUDA-core path (which also un-smooths WKV values).
 // Work split: grid (chunks, KV heads, batch), 4 warps per CTA; each warp takes 64-position tiles of the
-// chunk in turn and stages them (codes, norms, steps, minima) through its own 2-3 deep pipeline in
-// shared memory: no CTA barrier inside the loop. Every lane issues 16-byte cp.async copies; with
-// with tc_bulk_staging (on by default), sm_90 and blocks of >= 64
-// tokens, a tile is 5 contiguous byte ranges of one key and one value block instead, staged by 5 bulk
-// copies from one lane that complete on the stage's mbarrier (the default, tc_bulk_staging). Positions [0, E) with
-// E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the last
-// partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail" mode,
-// into further partial slots.
+// chunk in turn and stages them (key codes and side data, value codes, steps, minima) through its own
+// 2-3 deep pipeline in shared memory: no CTA barrier inside the loop. Every lane issues 16-byte
+// cp.async copies; with tc_bulk_staging (on by default), sm_90 and blocks of >= 64 tokens, a tile is
+// 5 (QJL) or 6 (token-wise keys: codes, steps, minima) contiguous byte ranges of one key and one value
+// block instead, staged by bulk copies from one lane that complete on the stage's mbarrier. Positions
+// [0, E) with E = min(k_encoded, v_encoded, n_tokens) rounded down to 16 are done here; the rest (the
+// last partial step, the fp32 windows, the exact current token) by the CUDA-core kernel in "tail"
+// mode, into further partial slots.
 //
-// Lane roles (lane = 4 g + t): BMMA rows = the 16 positions of a step; value K index k of a step
-// holds position P(k): P(2t) = t, P(2t+1) = t + 4, P(2t+8) = t + 8, P(2t+9) = t + 12 (bank-conflict
-// free code reads); value A rows: lane g owns channels [g d/8, (g+1) d/8), channel(g, h, j) =
-// g d/8 + h d/16 + j for m-tile j and row half h (rows g / g + 8).
+// Lane roles (lane = 4 g + t): key rows = the 16 positions of a step (rows g, g + 8 of lane g);
+// value K index k of a step holds position P(k): P(2t) = t, P(2t+1) = t + 4, P(2t+8) = t + 8,
+// P(2t+9) = t + 12 (bank-conflict free code reads); value A rows: lane g owns channels
+// [g d/8, (g+1) d/8), channel(g, h, j) = g d/8 + h d/16 + j for m-tile j and row half h (rows g / g + 8).
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -48,20 +64,27 @@ namespace kvq::cuda::detail {
 inline constexpr int kTcWarps = 4;
 inline constexpr int kTcTile = 64;  // positions per warp tile (4 steps of 16)
 
-// Shared-memory bytes of one pipeline stage of one warp.
+// Shared-memory bytes of one pipeline stage of one warp. kcb: key code bytes per position; kside: key
+// side bytes per position (QJL: the fp16 norm; token-wise: fp16 steps [64][kng] then minima [64][kng]).
 struct TcStage {
-    int kc = 0, kn = 0, vc = 0, vs = 0, bytes = 0;  // offsets of keys' codes/norms, values' codes/steps(+minima)
-    __host__ __device__ static TcStage of(int m, int d, int vbits, int vng) {
+    int kc = 0, kn = 0, vc = 0, vs = 0, bytes = 0;  // offsets of keys' codes/side, values' codes/steps(+minima)
+    __host__ __device__ static TcStage of(int kcb, int kside, int d, int vbits, int vng) {
         TcStage s;
         s.kc = 0;
-        s.kn = kTcTile * m / 8;
-        s.vc = s.kn + kTcTile * 2;
+        s.kn = kTcTile * kcb;
+        s.vc = s.kn + kTcTile * kside;
         s.vs = s.vc + kTcTile * d * vbits / 8;
         s.bytes = s.vs + kTcTile * vng * 4;  // steps [64][vng] fp16 then minima [64][vng] fp16
         s.bytes = (s.bytes + 15) & ~15;
         return s;
     }
 };
+inline TcStage tc_stage(const DecodeAttentionArgs& a) {
+    const int d = a.head_dim;
+    const bool qjl = a.key_format == KeyFormat::Qjl;
+    const int kcb = qjl ? a.qjl_m / 8 : d * a.key_bits / 8, kside = qjl ? 2 : 4 * (d / a.key_group);
+    return TcStage::of(kcb, kside, d, a.value_bits, d / a.value_group);
+}
 
 __device__ __forceinline__ float tc_pow2(int e) {  // 2^e for e in [-126, 127]; 0 below
     return e < -126 ? 0.f : __int_as_float((127 + (e > 127 ? 127 : e)) << 23);
@@ -113,27 +136,94 @@ __host__ __device__ constexpr int tc_row_shift(int h, int j) {
     return (((h * (D / 16) + j) * BITS) % 16) % 8;
 }
 
-template <int D, int VBITS, int G>
-__global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
+// One packed 32-bit word of a key row (32 / BITS codes, LSB first) to the A registers of 16 / BITS
+// channel pairs: out[i] holds {code i, code i + 16/BITS} as fp16 subnormals c * 2^(sh - 24),
+// sh = (i BITS) % 8 (tc_key_shift), both codes of one position (one A row).
+template <int BITS>
+__device__ __forceinline__ void tc_expand_key_word(std::uint32_t w, std::uint32_t (&out)[16 / BITS]) {
+    const std::uint32_t ws = w >> 8;
+#pragma unroll
+    for (int i = 0; i < 16 / BITS; ++i) {
+        const int o = i * BITS, sh = o % 8;
+        const std::uint32_t mk = ((1u << BITS) - 1u) << sh;
+#if defined(KVQ_TC_NORMAL_A)
+        std::uint32_t raw = ((o < 8 ? w : ws) & (mk | (mk << 16))) | 0x64006400u;
+        __half2 hv = *reinterpret_cast<__half2*>(&raw);
+        const std::uint32_t bias_bits = 0x64006400u;
+        hv = __hsub2(hv, *reinterpret_cast<const __half2*>(&bias_bits));
+        out[i] = *reinterpret_cast<std::uint32_t*>(&hv);
+#else
+        out[i] = (o < 8 ? w : ws) & (mk | (mk << 16));
+#endif
+    }
+}
+// Bytes CK of a lane's quarter of a key row (CK / 4 words; 16-byte aligned when CK >= 16).
+template <int CK>
+__device__ __forceinline__ void tc_load_words(const std::uint8_t* p, std::uint32_t (&w)[CK / 4]) {
+    if constexpr (CK == 4) {
+        w[0] = *reinterpret_cast<const std::uint32_t*>(p);
+    } else if constexpr (CK == 8) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        w[0] = u.x;
+        w[1] = u.y;
+    } else {
+#pragma unroll
+        for (int q = 0; q < CK / 16; ++q) {
+            const uint4 u = *reinterpret_cast<const uint4*>(p + 16 * q);
+            w[4 * q] = u.x;
+            w[4 * q + 1] = u.y;
+            w[4 * q + 2] = u.z;
+            w[4 * q + 3] = u.w;
+        }
+    }
+}
+
+// 3 CTAs per SM (<= 168 registers) where the registers allow it; token-wise keys hold d/8 more B
+// registers, so only their G = 1, d <= 128 instantiations keep that bound (tc_min_ctas).
+// KVQ_TC_QJL_MIN_CTAS (a tuning experiment, default 3): CTAs per SM of the QJL kernel for G = 1,
+// d <= 128; 4 caps it at 128 registers and takes 2 pipeline stages so that 4 CTAs fit in shared memory.
+#ifndef KVQ_TC_QJL_MIN_CTAS
+#define KVQ_TC_QJL_MIN_CTAS 3
+#endif
+template <int D, int G, int KBITS>
+__host__ __device__ constexpr int tc_min_ctas() {
+    return KBITS == 0 ? (G >= 4 ? 2 : (G == 1 && D <= 128 ? KVQ_TC_QJL_MIN_CTAS : 3)) : (G == 1 && D <= 128 ? 3 : 2);
+}
+
+template <int D, int VBITS, int G, int KBITS>
+__global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     decode_tc_kernel(DecodeAttentionArgs a, const std::uint32_t* qrec, int chunk, int n_parts, int n_stages,
                      float* part_ml, float* part_acc) {
+    static_assert(KBITS == 0 || KBITS == 2 || KBITS == 4 || KBITS == 8, "KBITS: 0 (QJL) or 2/4/8 (token-wise)");
+    constexpr bool kQjl = KBITS == 0;
     extern __shared__ float4 tc_smem4[];
     std::uint8_t* smem = reinterpret_cast<std::uint8_t*>(tc_smem4);
     constexpr int MT = D / 16;           // value m-tiles
     constexpr int CB8 = D * VBITS / 64;  // bytes of a lane's channel chunk per position
     constexpr int CW = CB8 >= 4 ? CB8 / 4 : 1;
-    const int m = a.qjl_m, ksteps = (m + 255) / 256, kcb = m / 8;
+    // Token-wise keys: a lane's quarter of a key row is KCK bytes = KNW words of KRPW A registers; group
+    // classes (see fold below) end every KWPM words at the earliest (groups >= 16 channels).
+    constexpr int KCK = kQjl ? 4 : D * KBITS / 32, KNW = KCK / 4, KRPW = kQjl ? 2 : 16 / KBITS;
+    constexpr int KMAXC = D / 64, KWPM = KNW / KMAXC > 0 ? KNW / KMAXC : 1;
+    const int m = a.qjl_m, ksteps = (m + 255) / 256;
+    const int kcb = kQjl ? m / 8 : D * KBITS / 8;
+    const int kg = kQjl ? D : a.key_group, kng = D / kg;
+    const int kspp = kQjl ? 2 : 2 * kng;  // key side bytes per position and side array (QJL: 1 array)
     const int vg = a.value_group, vng = D / vg, vcb = D * VBITS / 8;
     const int kv = blockIdx.y, b = blockIdx.z, c = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const TcStage st = TcStage::of(m, D, VBITS, vng);
+    const TcStage st = TcStage::of(kcb, (kQjl ? 1 : 2) * kspp, D, VBITS, vng);
     std::uint8_t* wsm = smem + std::size_t(warp) * n_stages * st.bytes;
     float* red = reinterpret_cast<float*>(smem + std::size_t(kTcWarps) * n_stages * st.bytes);  // [W][G][D]
     float* mred = red + kTcWarps * G * D;                                                       // [W][G][4]
     float* mls = mred + kTcWarps * G * 4;                                                       // [W][G][2]
     // [W][n_stages] stage barriers of the bulk-copy staging (8-byte aligned: everything before it is
     // a multiple of 8 bytes).
-    std::uint64_t* mbar = reinterpret_cast<std::uint64_t*>(mls + kTcWarps * G * 2) + warp * n_stages;
+    std::uint64_t* mbar0 = reinterpret_cast<std::uint64_t*>(mls + kTcWarps * G * 2);
+    std::uint64_t* mbar = mbar0 + warp * n_stages;
+    // Token-wise keys: [G][kng] per-group query sums (the minimum term), then [G][kng] the factors that
+    // take a group's accumulator back to sum q' c (2^-E and the A operand's unit).
+    float* ktab = reinterpret_cast<float*>(mbar0 + kTcWarps * n_stages);
 
     const int n_tok = __ldg(a.n_tokens + b), k_enc = __ldg(a.k_encoded + b), v_enc = __ldg(a.v_encoded + b);
     const int E = min(n_tok, min(k_enc, v_enc)) & ~15;
@@ -147,8 +237,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     const int ksh = __ffs(KB) - 1, vsh = __ffs(VB) - 1;
     const std::size_t kside = a.key_layout.token_side_offset(), vside = a.value_layout.token_side_offset();
     // Blocks of >= 64 tokens hold a whole tile (tiles start at multiples of 64: chunks are multiples
-    // of 256), so its codes, norms, value codes, steps and minima are 5 contiguous byte ranges, each
-    // staged by one bulk copy from lane 0 (sm_90). Smaller blocks: per-lane 16-byte cp.async.
+    // of 256), so its key codes, key side arrays, value codes, steps and minima are contiguous byte
+    // ranges, each staged by one bulk copy from lane 0 (sm_90). Smaller blocks: per-lane 16-byte cp.async.
 #if defined(KVQ_TC_HAS_BULK_COPY)
     const bool bulk = a.tc_bulk_staging && KB >= kTcTile && VB >= kTcTile;
     if (bulk) {
@@ -163,27 +253,105 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     (void)mbar;
 #endif
 
-    // Query planes of the G heads (B operands of the BMMA), the scale and usum.
-    const QjlQueryLayout QL = QjlQueryLayout::of(m);
-    std::uint32_t bq[G][4][2];
+    // QJL: query planes of the G heads (B operands of the BMMA), the scale and usum.
+    std::uint32_t bq[kQjl ? G : 1][4][2];
     float cs[G];
     int usum[G];
-    const float c_in = static_cast<float>(1.2533141373155003 / m);
+    if constexpr (kQjl) {
+        const QjlQueryLayout QL = QjlQueryLayout::of(m);
+        const float c_in = static_cast<float>(1.2533141373155003 / m);
 #pragma unroll
-    for (int hh = 0; hh < G; ++hh) {
-        const std::uint32_t* r = qrec + (std::size_t(b) * Hq + kv * G + hh) * QL.record_words();
+        for (int hh = 0; hh < G; ++hh) {
+            const std::uint32_t* r = qrec + (std::size_t(b) * Hq + kv * G + hh) * QL.record_words();
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-            bq[hh][ks][0] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t) : 0u;
-            bq[hh][ks][1] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t + 1) : 0u;
+            for (int ks = 0; ks < 4; ++ks) {
+                bq[hh][ks][0] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t) : 0u;
+                bq[hh][ks][1] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t + 1) : 0u;
+            }
+            cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
+            usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
         }
-        cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
-        usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
     }
     const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
 
-    // Column roles. B column g: combination (head, group) = g & 3, hi (g < 4) or lo part.
+    // Token-wise keys: combinations (head, group of the k-step) = column & 3; a k-step holds kps groups
+    // (one per lane quarter, or the 1-2 groups that span them), and with kng > 4 the quarter's
+    // sub-groups form ncls classes that the k-steps go through in order.
+    const int kps = kng < 4 ? kng : 4, ncls = kng > 4 ? kng / 4 : 1;
+    std::uint32_t bk[kQjl ? 1 : D / 8];  // B fragments: register j = operand b[j % 2] of k-step j / 2
+    // D columns 2t + e of this lane: valid, head, first group (class 0), ktab index of that group.
+    bool kval[2] = {false, false};
+    int khd[2] = {0, 0}, kgrp[2] = {0, 0}, ktix[2] = {0, 0};
+    const bool khi = t < 2;             // columns 0..3: hi parts (they also take the minimum term)
+    int kcls_mask = 0, kcls_shift = 0;  // class boundary every (KMAXC / ncls) word groups of KWPM words
+    if constexpr (!kQjl) {
+        for (int x = KMAXC / ncls; x > 1; x >>= 1) ++kcls_shift;
+        kcls_mask = (1 << kcls_shift) - 1;
+        // kg, ncls and kps are powers of two (kg divides d).
+        const int kg_log = __ffs(kg) - 1, ncls_log = __ffs(ncls) - 1, kps_log = __ffs(kps) - 1;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int cmb = (2 * t + e) & 3;
+            kval[e] = cmb < G * kps;
+            khd[e] = kval[e] ? cmb >> kps_log : 0;
+            kgrp[e] = kval[e] ? (cmb & (kps - 1)) * ncls : 0;
+            ktix[e] = khd[e] * kng + kgrp[e];
+        }
+        // Once per CTA: q' = q (.) k_scale (the CUDA-core kernel's product), per-group sums and scale
+        // exponents, then every lane's B fragments. red is free until the warps' merge at the end.
+        float* qp = red;                                // [G][D]
+        int* qe = reinterpret_cast<int*>(red + G * D);  // [G][kng]
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+            const int hh = i / D, ch = i % D;
+            float v = __ldg(a.query + (std::size_t(b) * Hq + kv * G + hh) * D + ch);
+            if (a.k_scale != nullptr) v *= __ldg(a.k_scale + std::size_t(kv) * D + ch);
+            qp[i] = v;
+        }
+        __syncthreads();
+        for (int i = warp; i < G * kng; i += kTcWarps) {  // a warp per (head, group): channels [i kg, (i+1) kg)
+            float sum = 0.f, mx = 0.f;
+            for (int j = lane; j < kg; j += 32) {
+                const float v = qp[i * kg + j];
+                sum += v;
+                mx = fmaxf(mx, fabsf(v));
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o /= 2) {
+                sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            }
+            // max |q'| 2^E in [2^13, 2^14): the hi parts stay below fp16's 65504 for every shift.
+            const int eb = static_cast<int>(__float_as_uint(mx) >> 23);
+            const int ex = eb == 0 ? 0 : max(-100, min(126, 140 - eb));
+            if (lane == 0) {
+                qe[i] = ex;
+                ktab[i] = sum;
+                ktab[G * kng + i] = tc_pow2(-ex) * kTcUnitInv;
+            }
+        }
+        __syncthreads();
+        const int cmb_b = g & 3;
+        const bool val_b = cmb_b < G * kps, lo_b = g >= 4;
+        const int hd_b = val_b ? cmb_b >> kps_log : 0, qi_b = val_b ? cmb_b & (kps - 1) : 0;
+#pragma unroll
+        for (int j = 0; j < D / 8; ++j) {
+            const int u = j / KRPW, i = j % KRPW, sh = (i * KBITS) % 8;
+            float xv[2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int ch = t * (D / 4) + u * (32 / KBITS) + i + h * KRPW, grp = ch >> kg_log;
+                xv[h] =
+                    (val_b && (grp >> ncls_log) == qi_b) ? qp[hd_b * D + ch] * tc_pow2(qe[hd_b * kng + grp] - sh) : 0.f;
+            }
+            std::uint32_t hv = tc::pack_half2(xv[0], xv[1]);
+            if (lo_b) hv = tc::pack_half2(xv[0] - tc::half_lo_to_float(hv), xv[1] - tc::half_hi_to_float(hv));
+            bk[j] = hv;
+        }
+        __syncthreads();  // qp and qe (in red) are read; the warps may now reach the merge
+    }
+
+    // Value column roles. B column g: combination (head, group) = g & 3, hi (g < 4) or lo part.
     const int ncombo = G * vng;
     const int combo_b = g & 3;
     const bool valid_b = combo_b < ncombo, lo_b = g >= 4;
@@ -235,12 +403,14 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
                 const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
                 const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
                 const int tk = p0 & (KB - 1), tv = p0 & (VB - 1);
-                const unsigned kbytes = np * kcb, nbytes = np * 2, vbytes = np * vcb, sbytes = np * vng * 2;
+                const unsigned kbytes = np * kcb, nbytes = np * kspp, vbytes = np * vcb, sbytes = np * vng * 2;
                 std::uint64_t* bar = mbar + stage;
                 tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
-                tc::mbar_arrive_expect_tx(bar, kbytes + nbytes + vbytes + 2 * sbytes);
+                tc::mbar_arrive_expect_tx(bar, kbytes + (kQjl ? 1 : 2) * nbytes + vbytes + 2 * sbytes);
                 tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
-                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * 2, nbytes, bar);
+                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * kspp, nbytes, bar);
+                if constexpr (!kQjl)  // key minima
+                    tc::bulk_g2s(s + st.kn + kTcTile * kspp, kb + kside + std::size_t(KB + tk) * kspp, nbytes, bar);
                 tc::bulk_g2s(s + st.vc, vb + std::size_t(tv) * vcb, vbytes, bar);
                 tc::bulk_g2s(s + st.vs, vb + vside + std::size_t(tv) * vng * 2, sbytes, bar);
                 tc::bulk_g2s(s + st.vs + kTcTile * vng * 2, vb + vside + std::size_t(VB + tv) * vng * 2, sbytes, bar);
@@ -261,8 +431,16 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
                 const int tk = p & (KB - 1), tv = p & (VB - 1);
                 for (int q = lane; q < kcb; q += 32)
                     tc::cp_async16(s + st.kc + sp * 16 * kcb + 16 * q, kb + std::size_t(tk) * kcb + 16 * q);
-                if (lane < 2)
-                    tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
+                if constexpr (kQjl) {
+                    if (lane < 2)
+                        tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
+                } else {  // steps then minima: 16 positions x kng fp16 = kspp 16-byte chunks each
+                    for (int q = lane; q < 2 * kspp; q += 32) {
+                        const int half = q >= kspp, qq = half ? q - kspp : q;
+                        tc::cp_async16(s + st.kn + half * kTcTile * kspp + sp * 16 * kspp + 16 * qq,
+                                       kb + kside + std::size_t(half) * KB * kspp + std::size_t(tk) * kspp + 16 * qq);
+                    }
+                }
                 for (int q = lane; q < vcb; q += 32)
                     tc::cp_async16(s + st.vc + sp * 16 * vcb + 16 * q, vb + std::size_t(tv) * vcb + 16 * q);
                 if (lane < 4 * vng) {  // steps then minima: 16 positions x vng fp16 = 2 vng chunks each
@@ -306,39 +484,99 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
 
         // 1. Scores of the tile's positions (rows g, g + 8 of each step), all heads.
         float sc[4][2][G];
+        if constexpr (kQjl) {
 #pragma unroll
-        for (int sp = 0; sp < 4; ++sp) {
-            if (sp < ns) {
-                int cc[G][4];
+            for (int sp = 0; sp < 4; ++sp) {
+                if (sp < ns) {
+                    int cc[G][4];
 #pragma unroll
-                for (int hh = 0; hh < G; ++hh) cc[hh][0] = cc[hh][1] = cc[hh][2] = cc[hh][3] = 0;
+                    for (int hh = 0; hh < G; ++hh) cc[hh][0] = cc[hh][1] = cc[hh][2] = cc[hh][3] = 0;
 #pragma unroll
-                for (int ks = 0; ks < 4; ++ks) {
-                    if (ks < ksteps) {
-                        const std::uint8_t* r0 = s + st.kc + (16 * sp + g) * kcb + 32 * ks + 8 * t;
-                        const uint2 lo = *reinterpret_cast<const uint2*>(r0);
-                        const uint2 hi = *reinterpret_cast<const uint2*>(r0 + 8 * kcb);
-                        const std::uint32_t av[4] = {lo.x, hi.x, lo.y, hi.y};
+                    for (int ks = 0; ks < 4; ++ks) {
+                        if (ks < ksteps) {
+                            const std::uint8_t* r0 = s + st.kc + (16 * sp + g) * kcb + 32 * ks + 8 * t;
+                            const uint2 lo = *reinterpret_cast<const uint2*>(r0);
+                            const uint2 hi = *reinterpret_cast<const uint2*>(r0 + 8 * kcb);
+                            const std::uint32_t av[4] = {lo.x, hi.x, lo.y, hi.y};
 #pragma unroll
-                        for (int hh = 0; hh < G; ++hh) tc::bmma_m16n8k256_popc(cc[hh], av, bq[hh][ks]);
+                            for (int hh = 0; hh < G; ++hh) tc::bmma_m16n8k256_popc(cc[hh], av, bq[hh][ks]);
+                        }
+                    }
+                    const unsigned short* kn = reinterpret_cast<const unsigned short*>(s + st.kn);
+                    const float n0 = __half2float(__ushort_as_half(kn[16 * sp + g]));
+                    const float n1 = __half2float(__ushort_as_half(kn[16 * sp + g + 8]));
+#pragma unroll
+                    for (int hh = 0; hh < G; ++hh) {
+                        int t0 = cc[hh][0] * wt0 + cc[hh][1] * wt1, t1 = cc[hh][2] * wt0 + cc[hh][3] * wt1;
+                        t0 += __shfl_xor_sync(0xffffffffu, t0, 1);
+                        t1 += __shfl_xor_sync(0xffffffffu, t1, 1);
+                        t0 += __shfl_xor_sync(0xffffffffu, t0, 2);
+                        t1 += __shfl_xor_sync(0xffffffffu, t1, 2);
+                        sc[sp][0][hh] = ((cs[hh] * n0) * static_cast<float>(2 * t0 - usum[hh])) * scale;
+                        sc[sp][1][hh] = ((cs[hh] * n1) * static_cast<float>(2 * t1 - usum[hh])) * scale;
+                    }
+                } else {
+#pragma unroll
+                    for (int hh = 0; hh < G; ++hh) sc[sp][0][hh] = sc[sp][1][hh] = -INFINITY;
+                }
+            }
+        } else {
+            const unsigned short* kst = reinterpret_cast<const unsigned short*>(s + st.kn);  // [64][kng]
+            const unsigned short* kmn = kst + kTcTile * kng;
+            // All 4 steps without a branch, so that the scheduler can interleave their mma chains (two
+            // accumulators per step, even and odd k-steps, halve each chain); the stale stage data of
+            // steps >= ns only give scores that are replaced by -inf.
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                std::uint32_t w0[KNW], w1[KNW];
+                tc_load_words<KCK>(s + st.kc + (16 * sp + g) * kcb + t * KCK, w0);
+                tc_load_words<KCK>(s + st.kc + (16 * sp + g + 8) * kcb + t * KCK, w1);
+                float kacc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+                float pe[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [column e][row]: partial scores
+#pragma unroll
+                for (int u = 0; u < KNW; ++u) {
+                    std::uint32_t xa[KRPW], ya[KRPW];
+                    tc_expand_key_word<KBITS>(w0[u], xa);
+                    tc_expand_key_word<KBITS>(w1[u], ya);
+#pragma unroll
+                    for (int kk = 0; kk < KRPW / 2; ++kk) {
+                        const std::uint32_t af[4] = {xa[2 * kk], ya[2 * kk], xa[2 * kk + 1], ya[2 * kk + 1]};
+                        const std::uint32_t bf[2] = {bk[u * KRPW + 2 * kk], bk[u * KRPW + 2 * kk + 1]};
+                        tc::mma_m16n8k16_f16(kacc[(u * (KRPW / 2) + kk) & 1], af, bf);
+                    }
+                    // End of a group class: acc * step * 2^-E (+ min * sum q' on the hi columns).
+                    if ((u + 1) % KWPM == 0) {
+                        const int cpos = (u + 1) / KWPM;  // 1..KMAXC (compile time after unrolling)
+                        if (KMAXC == 1 || (cpos & kcls_mask) == 0) {
+                            const int sg = (cpos >> kcls_shift) - 1;
+#pragma unroll
+                            for (int e = 0; e < 2; ++e) {
+                                const int p0 = (16 * sp + g) * kng + kgrp[e] + sg, p1 = p0 + 8 * kng;
+                                const float us = kval[e] ? ktab[G * kng + ktix[e] + sg] : 0.f;
+                                const float qs = kval[e] && khi ? ktab[ktix[e] + sg] : 0.f;
+                                const float d0 = kacc[0][e] + kacc[1][e], d1 = kacc[0][2 + e] + kacc[1][2 + e];
+                                pe[e][0] = fmaf(__half2float(__ushort_as_half(kst[p0])) * us, d0, pe[e][0]);
+                                pe[e][1] = fmaf(__half2float(__ushort_as_half(kst[p1])) * us, d1, pe[e][1]);
+                                pe[e][0] = fmaf(__half2float(__ushort_as_half(kmn[p0])), qs, pe[e][0]);
+                                pe[e][1] = fmaf(__half2float(__ushort_as_half(kmn[p1])), qs, pe[e][1]);
+                            }
+#pragma unroll
+                            for (int r = 0; r < 4; ++r) kacc[0][r] = kacc[1][r] = 0.f;
+                        }
                     }
                 }
-                const unsigned short* kn = reinterpret_cast<const unsigned short*>(s + st.kn);
-                const float n0 = __half2float(__ushort_as_half(kn[16 * sp + g]));
-                const float n1 = __half2float(__ushort_as_half(kn[16 * sp + g + 8]));
+                // Per head: this lane's columns of that head, then the quad (hi + lo, all groups).
 #pragma unroll
                 for (int hh = 0; hh < G; ++hh) {
-                    int t0 = cc[hh][0] * wt0 + cc[hh][1] * wt1, t1 = cc[hh][2] * wt0 + cc[hh][3] * wt1;
-                    t0 += __shfl_xor_sync(0xffffffffu, t0, 1);
-                    t1 += __shfl_xor_sync(0xffffffffu, t1, 1);
-                    t0 += __shfl_xor_sync(0xffffffffu, t0, 2);
-                    t1 += __shfl_xor_sync(0xffffffffu, t1, 2);
-                    sc[sp][0][hh] = ((cs[hh] * n0) * static_cast<float>(2 * t0 - usum[hh])) * scale;
-                    sc[sp][1][hh] = ((cs[hh] * n1) * static_cast<float>(2 * t1 - usum[hh])) * scale;
+                    float v0 = (G == 1 || khd[0] == hh ? pe[0][0] : 0.f) + (G == 1 || khd[1] == hh ? pe[1][0] : 0.f);
+                    float v1 = (G == 1 || khd[0] == hh ? pe[0][1] : 0.f) + (G == 1 || khd[1] == hh ? pe[1][1] : 0.f);
+                    v0 += __shfl_xor_sync(0xffffffffu, v0, 1);
+                    v1 += __shfl_xor_sync(0xffffffffu, v1, 1);
+                    v0 += __shfl_xor_sync(0xffffffffu, v0, 2);
+                    v1 += __shfl_xor_sync(0xffffffffu, v1, 2);
+                    sc[sp][0][hh] = sp < ns ? v0 * scale : -INFINITY;
+                    sc[sp][1][hh] = sp < ns ? v1 * scale : -INFINITY;
                 }
-            } else {
-#pragma unroll
-                for (int hh = 0; hh < G; ++hh) sc[sp][0][hh] = sc[sp][1][hh] = -INFINITY;
             }
         }
         // 2. Online softmax per head (quads hold identical copies; reduce over g: xor 4, 8, 16).
@@ -418,10 +656,12 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
             }
         }
         const float bscale = tc_pow2(e_b);
-        // 4. Values: per step, B fragment (weights) and the A fragments of every m-tile.
+        // 4. Values: per step, B fragment (weights) and the A fragments of every m-tile. Token-wise keys, d <= 128:
+        // steps >= ns too, without a branch (their weights are exactly 0, the stale codes finite), so
+        // that the code loads of a step can overlap the mma chain of the previous one.
 #pragma unroll
         for (int sp = 0; sp < 4; ++sp) {
-            if (sp < ns) {
+            if ((!kQjl && D <= 128) || sp < ns) {
                 std::uint32_t bf[2];
 #pragma unroll
                 for (int hp = 0; hp < 2; ++hp) {
@@ -517,25 +757,55 @@ __global__ void __launch_bounds__(kTcWarps * 32, G >= 4 ? 2 : 3)
     }
 }
 
+inline std::size_t tc_smem_bytes_for(const DecodeAttentionArgs& a, int G, int stages) {
+    const std::size_t sb = tc_stage(a).bytes;
+    const std::size_t ktab = a.key_format == KeyFormat::Qjl ? 0 : 2 * std::size_t(G) * (a.head_dim / a.key_group);
+    return std::size_t(kTcWarps) * stages * sb +
+           sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2) +
+           sizeof(std::uint64_t) * std::size_t(kTcWarps) * stages +  // stage barriers
+           sizeof(float) * ktab;
+}
 inline int tc_pick_stages(const DecodeAttentionArgs& a) {
-    const int vng = a.head_dim / a.value_group;
-    const int sb = TcStage::of(a.qjl_m, a.head_dim, a.value_bits, vng).bytes;
-    return kTcWarps * 3 * sb <= 150 * 1024 ? 3 : 2;
+    if (a.key_format == KeyFormat::Qjl) {
+        if (KVQ_TC_QJL_MIN_CTAS > 3 && a.n_q_heads == a.n_kv_heads && a.head_dim <= 128) return 2;
+        return kTcWarps * 3 * tc_stage(a).bytes <= 150 * 1024 ? 3 : 2;
+    }
+    // Token-wise keys carry ~2x the bytes per position, and 2 stages already keep >= 64 KB per SM in
+    // flight: a third stage only where it costs no CTA per SM (warps hide the latency of the mma
+    // and shared-memory chains better than a deeper pipeline per warp).
+    const int G = a.n_q_heads / a.n_kv_heads;
+    auto ctas = [](std::size_t bytes) { return int((228 * 1024) / (bytes + 1024)); };  // 1 KB reserved per CTA
+    const std::size_t s3 = tc_smem_bytes_for(a, G, 3);
+    return s3 <= 200 * 1024 && ctas(s3) >= ctas(tc_smem_bytes_for(a, G, 2)) ? 3 : 2;
 }
 inline std::size_t tc_smem_bytes(const DecodeAttentionArgs& a, int G) {
-    const int vng = a.head_dim / a.value_group;
-    const std::size_t sb = TcStage::of(a.qjl_m, a.head_dim, a.value_bits, vng).bytes;
-    return std::size_t(kTcWarps) * tc_pick_stages(a) * sb +
-           sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2) +
-           sizeof(std::uint64_t) * std::size_t(kTcWarps) * tc_pick_stages(a);  // stage barriers
+    return tc_smem_bytes_for(a, G, tc_pick_stages(a));
+}
+// CTAs of decode_tc_kernel per SM on an H100/H200 (228 KB shared memory per SM, 1 KB reserved per CTA):
+// the smaller of the launch bound's (register) residency and the shared-memory one. For a wave model
+// of the chunk split (dec_plan): QJL + int2 and WKV int4 g128 (d 128, G 1) give 3, int4 g32 K + V 2.
+inline int tc_ctas_per_sm(const DecodeAttentionArgs& a) {
+    const int G = a.n_q_heads / a.n_kv_heads;
+    const int by_regs = a.key_format == KeyFormat::Qjl
+                            ? (G >= 4 ? 2 : (G == 1 && a.head_dim <= 128 ? KVQ_TC_QJL_MIN_CTAS : 3))
+                            : (G == 1 && a.head_dim <= 128 ? 3 : 2);
+    const int by_smem = int((228 * 1024) / (tc_smem_bytes(a, G) + 1024));
+    return by_smem < by_regs ? by_smem : by_regs;
 }
 
 // Whether the tensor-core kernel takes this shape (otherwise the CUDA-core kernel does all).
 inline bool tc_supported(const DecodeAttentionArgs& a) {
-    if (a.key_format != KeyFormat::Qjl || a.qjl_m < 64 || a.qjl_m > 1024 || a.qjl_m % 64 != 0)
-        return false;  // 8-byte code reads
     const int d = a.head_dim, G = a.n_q_heads / a.n_kv_heads;
     if (G != 1 && G != 2 && G != 4) return false;
+    if (a.key_format == KeyFormat::Qjl) {
+        if (a.qjl_m < 64 || a.qjl_m > 1024 || a.qjl_m % 64 != 0) return false;  // 8-byte code reads
+    } else {
+        if (a.key_bits != 2 && a.key_bits != 4 && a.key_bits != 8) return false;
+        // Groups of >= 16 channels: a k-step's channel pairs (and a 2-bit word) stay in one group.
+        if (a.key_group < 16 || d % a.key_group != 0) return false;
+        const int kng = d / a.key_group;
+        if (G * (kng < 4 ? kng : 4) > 4) return false;  // (head, group) combinations of a k-step
+    }
     if (a.value_bits != 2 && a.value_bits != 4 && a.value_bits != 8) return false;
     if (a.value_group < d / 8 || d % a.value_group != 0 || G * (d / a.value_group) > 4) return false;
     if (a.key_layout.block_tokens < 16 || a.value_layout.block_tokens < 16) return false;
