@@ -109,17 +109,23 @@ int main(int argc, char** argv) {
         bool f32;
         bool reciprocal = false;  // token-wise: TokenwiseEncodeArgs::reciprocal_codes
         bool legacy = false;      // QJL: QjlEncodeArgs::legacy_kernel (the previous kernel, for comparison)
+        bool vec = false;         // token-wise: TokenwiseEncodeArgs::vector_kernel
     };
-    const std::vector<Path> paths = {{"QJL m=256 (fp16 in)", 0, &qjl, false},
-                                     {"QJL m=256 (fp16 in), legacy kernel", 0, &qjl, false, false, true},
-                                     {"QJL m=256 (fp32 in)", 0, &qjl, true},
-                                     {"QJL m=256, 8 outliers m_o=256 (fp16 in)", 0, &qjlo, false},
-                                     {"int2 g32 values (fp16 in)", 1, &int2, false},
-                                     {"int2 g32 values (fp16 in), reciprocal codes", 1, &int2, false, true},
-                                     {"int4 g32 (fp16 in)", 1, &int4, false},
-                                     {"int4 g32 (fp16 in), reciprocal codes", 1, &int4, false, true},
-                                     {"WKV int4 g128 + smoothing (fp16 in)", 2, &wkv4, false},
-                                     {"WKV int4 g128 + smoothing (fp16 in), reciprocal codes", 2, &wkv4, false, true}};
+    const std::vector<Path> paths = {
+        {"QJL m=256 (fp16 in)", 0, &qjl, false},
+        {"QJL m=256 (fp16 in), legacy kernel", 0, &qjl, false, false, true},
+        {"QJL m=256 (fp32 in)", 0, &qjl, true},
+        {"QJL m=256, 8 outliers m_o=256 (fp16 in)", 0, &qjlo, false},
+        {"int2 g32 values (fp16 in), division kernel", 1, &int2, false},
+        {"int2 g32 values (fp16 in), reciprocal codes", 1, &int2, false, true},
+        {"int4 g32 (fp16 in), division kernel", 1, &int4, false},
+        {"int4 g32 (fp16 in), reciprocal codes", 1, &int4, false, true},
+        {"WKV int4 g128 + smoothing (fp16 in), division kernel", 2, &wkv4, false},
+        {"WKV int4 g128 + smoothing (fp16 in), reciprocal codes", 2, &wkv4, false, true},
+        {"int2 g32 values (fp16 in), vector kernel", 1, &int2, false, false, false, true},
+        {"int4 g32 (fp16 in), vector kernel", 1, &int4, false, false, false, true},
+        {"int4 g32 (fp32 in), vector kernel", 1, &int4, true, false, false, true},
+        {"WKV int4 g128 + smoothing (fp16 in), vector kernel", 2, &wkv4, false, false, false, true}};
     std::vector<Row> rows;
     for (int batch : {1, 8})
         for (int T : {4096, 16384, 65536}) {
@@ -187,10 +193,11 @@ int main(int argc, char** argv) {
                     a.n_kv_heads = H;
                     a.batch = batch;
                     a.n_tokens = T;
-                    a.x_type = kvq::cuda::QueryType::F16;
+                    a.x_type = p.f32 ? kvq::cuda::QueryType::F32 : kvq::cuda::QueryType::F16;
                     a.pos0 = d_pos0;
                     a.page_stride = pages;
                     a.reciprocal_codes = p.reciprocal;
+                    a.vector_kernel = p.vec;
                     if (p.kind == 2) {
                         a.shift = d_shift;
                         a.scale = d_scale;
@@ -201,6 +208,29 @@ int main(int argc, char** argv) {
                         a.pages = cs[c].pages;
                         kvq::cuda::launch_tokenwise_encode(a, stream);
                     });
+                    if (p.vec) {  // the bytes must be the division kernel's (the tests' check, on bench data)
+                        const std::size_t pool_bytes = n_blocks * bb;
+                        std::uint8_t* ref_pool;
+                        KVQ_CUDA_CHECK(cudaMalloc(&ref_pool, pool_bytes));
+                        kvq::cuda::TokenwiseEncodeArgs r = a;
+                        r.vector_kernel = false;
+                        r.x = cs[0].x;
+                        r.pool = ref_pool;
+                        r.pages = cs[0].pages;
+                        kvq::cuda::launch_tokenwise_encode(r, stream);
+                        std::vector<std::uint8_t> h_ref(pool_bytes), h_got(pool_bytes);
+                        KVQ_CUDA_CHECK(
+                            cudaMemcpyAsync(h_ref.data(), ref_pool, pool_bytes, cudaMemcpyDeviceToHost, stream));
+                        KVQ_CUDA_CHECK(
+                            cudaMemcpyAsync(h_got.data(), cs[0].pool, pool_bytes, cudaMemcpyDeviceToHost, stream));
+                        KVQ_CUDA_CHECK(cudaStreamSynchronize(stream));
+                        KVQ_CUDA_CHECK(cudaFree(ref_pool));
+                        std::size_t diff = 0;
+                        for (std::size_t i = 0; i < pool_bytes; ++i) diff += h_ref[i] != h_got[i];
+                        std::printf(
+                            "device check: %s, batch %d T %d: %s the division kernel's bytes (%zu of %zu differ)\n",
+                            p.name.c_str(), batch, T, diff ? "DIFFERS FROM" : "equal to", diff, pool_bytes);
+                    }
                 }
                 KVQ_CUDA_CHECK(cudaStreamSynchronize(stream));
                 rows.push_back({p.name, batch, T, t, bytes});

@@ -55,7 +55,13 @@ struct EncCase {
     int bits = 4, group = 32;
     bool wkv = false;
     bool reciprocal = false;  // TokenwiseEncodeArgs::reciprocal_codes
+    bool vec = false;         // TokenwiseEncodeArgs::vector_kernel
     bool ties = false;        // token-wise inputs on a half-step grid: every code a rounding tie
+    bool zeros = false;       // token-wise: groups whose minimum / maximum is a zero of either sign
+    bool offset = false;      // token-wise: groups far from 0 (fp16 rounding of the minimum >> step)
+    bool wkv_edges = false;   // WKV: x == shift (smoothed zeros), scales outside [2^-30, 2^30]
+    int pad = 0;              // token-wise: extra elements between tokens (x_token_stride)
+    bool graph = false;       // token-wise: launch inside a captured CUDA graph
     std::uint32_t seed = 1;
 };
 
@@ -91,6 +97,31 @@ Setup make_setup(const EncCase& c, const kvq::BlockLayout& l) {
                 s.x[r * c.d + ch] = in_group == 0 ? 0.f : in_group == 1 ? float(levels) : 0.5f * half_steps(rng);
             }
     }
+    if (c.zeros) {
+        // Per (row, group), by a hash: 1 minimum is +0 and -0 (order varies), 2 maximum is, 3 all
+        // zeros of mixed signs, 4 constant group; else random. The CPU keeps the first of equal values,
+        // so the stored fp16 minimum / step carry that zero's sign.
+        for (std::size_t r = 0; r < rows; ++r)
+            for (int g0 = 0; g0 < c.d; g0 += c.group) {
+                float* x = &s.x[r * c.d + g0];
+                const unsigned mode = static_cast<unsigned>(rng() % 6), i = rng() % c.group, j = rng() % c.group;
+                const float z1 = (rng() & 1) ? -0.0f : 0.0f;
+                if (mode == 1 || mode == 2)
+                    for (int k = 0; k < c.group; ++k) x[k] = (mode == 1 ? 1.f : -1.f) * (std::fabs(x[k]) + 0.125f);
+                if (mode == 1 || mode == 2 || mode == 3) {
+                    if (mode == 3)
+                        for (int k = 0; k < c.group; ++k) x[k] = (rng() & 1) ? -0.0f : 0.0f;
+                    x[i] = z1;
+                    x[j] = -z1;
+                }
+                if (mode == 4)
+                    for (int k = 0; k < c.group; ++k) x[k] = 1.5f;
+            }
+    }
+    if (c.offset)
+        for (std::size_t r = 0; r < rows; ++r)
+            for (int ch = 0; ch < c.d; ++ch)
+                s.x[r * c.d + ch] = 100.f * float(1 + (r + ch / c.group) % 7) + s.x[r * c.d + ch] * 0.01f;
     if (c.norm_ties) {
         // Row r % 4: 0 random; 1 norm exactly 2049 2^-k (the midpoint of two fp16 values: a tie, RNE
         // goes down to 2048 2^-k); 2 norm sqrt(2049^2 + 3) 2^-k, just above that midpoint (fp32 sums
@@ -324,6 +355,63 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
     return res;
 }
 
+// Names the first differing bytes of a token-wise pool: block, field (codes / step / min / outside
+// the written tokens), token, channel or group, GPU and CPU values; counts per field.
+void report_tokenwise_diffs(const EncCase& c, const Setup& s, const kvq::BlockLayout& l,
+                            const std::vector<std::uint8_t>& got, const std::vector<std::uint8_t>& ref) {
+    std::vector<char> written(got.size() / s.block_bytes * c.B, 0);  // [block][token]
+    for (int b = 0; b < c.batch; ++b)
+        for (int h = 0; h < c.H; ++h)
+            for (int t = 0; t < c.n; ++t) {
+                const int pos = c.pos0[b] + t;
+                written[std::size_t(s.pages[(std::size_t(b) * c.H + h) * s.stride + pos / c.B]) * c.B + pos % c.B] = 1;
+            }
+    const int ng = c.d / c.group;
+    const std::size_t side = l.token_side_offset(), codes_end = std::size_t(c.B) * l.code_bytes;
+    std::size_t n_codes = 0, n_step = 0, n_min = 0, n_outside = 0, ndiff = 0;
+    testing::Message m;
+    for (std::size_t i = 0; i < got.size(); ++i) {
+        if (got[i] == ref[i]) continue;
+        const std::size_t blk = i / s.block_bytes, o = i % s.block_bytes;
+        std::string what;
+        int tok = -1, field = 3;  // codes, step, min, other
+        if (o < codes_end) {
+            tok = static_cast<int>(o / l.code_bytes);
+            const int byte = static_cast<int>(o % l.code_bytes), per = 8 / c.bits;
+            field = 0;
+            what = "codes byte " + std::to_string(byte) + " (channels " + std::to_string(byte * per) + ".." +
+                   std::to_string(byte * per + per - 1) + ")";
+        } else if (o >= side && o < side + std::size_t(c.B) * ng * 4) {
+            const std::size_t e = (o - side) / 2;
+            const bool is_min = e >= std::size_t(c.B) * ng;
+            const std::size_t k = e % (std::size_t(c.B) * ng);
+            tok = static_cast<int>(k / ng);
+            field = is_min ? 2 : 1;
+            what = std::string(is_min ? "fp16 min" : "fp16 step") + " of group " + std::to_string(k % ng);
+        } else {
+            what = "padding after the layout";
+        }
+        const bool inside = tok >= 0 && written[blk * c.B + tok];
+        if (!inside)
+            ++n_outside;
+        else
+            ++(field == 0 ? n_codes : field == 1 ? n_step : n_min);
+        if (ndiff++ < 8)
+            m << "\n  block " << blk << " offset " << o << ": " << what << " of token " << tok
+              << (inside ? "" : " [NOT WRITTEN: must be untouched]") << ", gpu 0x" << std::hex << int(got[i])
+              << " cpu 0x" << int(ref[i]) << std::dec;
+    }
+    if (ndiff > 0)
+        ADD_FAILURE() << "[token-wise encode, kernel "
+                      << (c.vec          ? "vector"
+                          : c.reciprocal ? "reciprocal"
+                                         : "division")
+                      << ", d " << c.d << " bits " << c.bits << " group " << c.group << " f16 " << c.f16 << " wkv "
+                      << c.wkv << "] " << ndiff << " bytes differ: codes " << n_codes << ", steps " << n_step
+                      << ", minimums " << n_min << ", bytes outside the written tokens " << n_outside
+                      << "; first ones:" << m;
+}
+
 void run_tokenwise(const EncCase& c) {
     const kvq::TokenwiseCodec codec(kvq::TokenwiseParams{c.d, c.bits, c.group});
     const kvq::BlockLayout l = codec.layout(c.B);
@@ -333,6 +421,17 @@ void run_tokenwise(const EncCase& c) {
     std::vector<float> shift(std::size_t(c.H) * c.d), scale(shift.size());
     for (auto& v : shift) v = us(rng);
     for (auto& v : scale) v = ud(rng);
+    if (c.wkv_edges)
+        for (int h = 0; h < c.H; ++h)
+            for (int ch = 0; ch < c.d; ch += 5) {
+                const std::size_t k = std::size_t(h) * c.d + ch;
+                switch ((ch / 5) % 4) {
+                    case 0: shift[k] = s.x[std::size_t(h) * c.d + ch]; break;  // token 0 of sequence 0: x - shift = 0
+                    case 1: scale[k] = 0x1p40f; break;                         // tiny smoothed values
+                    case 2: scale[k] = 0x1p31f; break;
+                    default: scale[k] = -scale[k]; break;
+                }
+            }
     std::vector<float> sm(c.d);
     std::vector<std::uint8_t> ref = s.pool;
     cpu_encode(c, s, ref, 1, [&](int h, const float* x, int n, std::uint8_t* blk, int first) {
@@ -343,103 +442,226 @@ void run_tokenwise(const EncCase& c) {
         kvq::wkv_smooth_rows(x, n, sh, sc, xs.data());
         codec.encode(xs.data(), n, blk, c.B, first);
     });
-    Dev<float> dx(c.f16 ? std::vector<float>{} : s.x);
-    Dev<std::uint16_t> dxh(s.xh);
+    // Padded input rows (x_token_stride = H d + pad) when asked; the garbage in the gaps is never read.
+    const std::size_t row = std::size_t(c.H) * c.d, ts = row + c.pad, ntok = std::size_t(c.batch) * c.n;
+    std::vector<float> xf;
+    std::vector<std::uint16_t> xh;
+    if (c.f16) {
+        xh.assign(ntok * ts, 0x7E00);  // NaN in the gaps
+        for (std::size_t t = 0; t < ntok; ++t) std::copy_n(&s.xh[t * row], row, &xh[t * ts]);
+    } else {
+        xf.assign(ntok * ts, std::nanf(""));
+        for (std::size_t t = 0; t < ntok; ++t) std::copy_n(&s.x[t * row], row, &xf[t * ts]);
+    }
+    Dev<float> dx(xf);
+    Dev<std::uint16_t> dxh(xh);
     Dev<int> dpos(c.pos0);
     Dev<std::uint8_t> dpool(s.pool);
     Dev<std::uint32_t> dpages(s.pages);
     Dev<float> dshift(shift), dscale(scale);
     kvq::cuda::TokenwiseEncodeArgs a;
     fill_target(a, c, s, c.f16 ? static_cast<const void*>(dxh.p) : dx.p, dpos.p, dpool.p, dpages.p);
+    if (c.pad) a.x_token_stride = static_cast<std::int64_t>(ts);
     kvq::cuda::set_tokenwise_codec(a, codec, c.B);
     a.reciprocal_codes = c.reciprocal;
+    a.vector_kernel = c.vec;
     if (c.wkv) {
         a.shift = dshift.p;
         a.scale = dscale.p;
     }
-    kvq::cuda::launch_tokenwise_encode(a, nullptr);
+    if (c.graph) {
+        cudaStream_t st;
+        KVQ_CUDA_CHECK(cudaStreamCreate(&st));
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        KVQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+        kvq::cuda::launch_tokenwise_encode(a, st);
+        KVQ_CUDA_CHECK(cudaStreamEndCapture(st, &g));
+        KVQ_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
+        KVQ_CUDA_CHECK(cudaGraphExecDestroy(ge));
+        KVQ_CUDA_CHECK(cudaGraphDestroy(g));
+        KVQ_CUDA_CHECK(cudaStreamDestroy(st));
+    } else {
+        kvq::cuda::launch_tokenwise_encode(a, nullptr);
+    }
     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<std::uint8_t> got(s.pool.size());
     KVQ_CUDA_CHECK(cudaMemcpy(got.data(), dpool.p, got.size(), cudaMemcpyDeviceToHost));
-    std::size_t diffs = 0, first = 0;
-    for (std::size_t i = 0; i < got.size(); ++i)
-        if (got[i] != ref[i] && diffs++ == 0) first = i;
-    EXPECT_EQ(diffs, 0u) << "first differing byte " << first << " (block " << first / s.block_bytes << " offset "
-                         << first % s.block_bytes << ")";
+    report_tokenwise_diffs(c, s, l, got, ref);
 }
+
+// The three kernels: division (vector_kernel = false), reciprocal (reciprocal_codes), vector (the default).
+enum TwKernel { kDivision, kReciprocal, kVector };
+void set_kernel(EncCase& c, int k) {
+    c.reciprocal = k == kReciprocal;
+    c.vec = k == kVector;
+}
+const char* kernel_name(int k) { return k == kDivision ? "division" : k == kReciprocal ? "reciprocal" : "vector"; }
 
 }  // namespace
 
-// Both kernels: the division one (default) and the reciprocal one (reciprocal_codes).
 TEST(GpuEncode, TokenwiseMatchesCpuBytes) {
-    for (bool reciprocal : {false, true})
+    for (int k : {kDivision, kReciprocal, kVector})
         for (int d : {64, 128, 256})
             for (int bits : {2, 4, 8})
-                for (int group : {d / 32, 32, d})
+                for (int group : {d / 32, d == 256 ? 16 : 8, 32, d})
                     for (bool f16 : {false, true}) {
                         EncCase c;
                         c.d = d;
                         c.bits = bits;
                         c.group = group;
                         c.f16 = f16;
-                        c.reciprocal = reciprocal;
+                        set_kernel(c, k);
                         c.H = 3;
                         c.batch = 2;
                         c.n = 37;
                         c.B = 16;
                         c.pos0 = {5, 16};
                         c.seed = d * 100 + bits * 10 + group + f16;
-                        SCOPED_TRACE(testing::Message() << "reciprocal " << reciprocal << " d " << d << " bits " << bits
+                        SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, d " << d << " bits " << bits
                                                         << " group " << group << " f16 " << f16);
                         run_tokenwise(c);
                     }
 }
 
 TEST(GpuEncode, TokenwiseRoundingTiesMatchCpuBytes) {
-    for (bool reciprocal : {false, true})
+    for (int k : {kDivision, kReciprocal, kVector})
         for (int bits : {2, 4, 8})
-            for (int group : {4, 32, 128}) {
+            for (int group : {4, 8, 32, 128}) {
                 EncCase c;
                 c.bits = bits;
                 c.group = group;
                 c.ties = true;
                 c.f16 = bits != 4;  // both input types (halves up to 255 are fp16-exact)
-                c.reciprocal = reciprocal;
+                set_kernel(c, k);
                 c.H = 2;
                 c.n = 40;
                 c.seed = 300 + bits + group;
+                SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, bits " << bits << " group " << group);
+                run_tokenwise(c);
+            }
+}
+
+// Signed zeros as a group's minimum or maximum (the CPU keeps the first; min/max instructions may
+// not), all-zero and constant groups.
+TEST(GpuEncode, TokenwiseSignedZerosMatchCpuBytes) {
+    for (int k : {kDivision, kReciprocal, kVector})
+        for (int d : {64, 128})
+            for (int bits : {2, 8})
+                for (int group : {8, 32, d})
+                    for (bool f16 : {false, true}) {
+                        EncCase c;
+                        c.d = d;
+                        c.bits = bits;
+                        c.group = group;
+                        c.f16 = f16;
+                        c.zeros = true;
+                        set_kernel(c, k);
+                        c.H = 3;
+                        c.n = 50;
+                        c.pos0 = {3, 70};
+                        c.seed = 900 + d + bits + group + f16;
+                        SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, d " << d << " bits " << bits
+                                                        << " group " << group << " f16 " << f16);
+                        run_tokenwise(c);
+                    }
+}
+
+// Groups far from zero: fp16(min) differs from the minimum by much more than a step, so (x - lo) / step
+// leaves [0, 2^b - 1] on both sides (fp32 input) and the clamps decide.
+TEST(GpuEncode, TokenwiseOffsetGroupsMatchCpuBytes) {
+    for (int k : {kDivision, kReciprocal, kVector})
+        for (int bits : {2, 4, 8})
+            for (bool f16 : {false, true}) {
+                EncCase c;
+                c.bits = bits;
+                c.group = 32;
+                c.f16 = f16;
+                c.offset = true;
+                set_kernel(c, k);
+                c.H = 2;
+                c.n = 64;
+                c.seed = 1300 + bits + f16;
+                SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, bits " << bits << " f16 " << f16);
+                run_tokenwise(c);
+            }
+}
+
+// Shapes that stress the vector kernel's addressing: long runs (many CTAs per head), tokens of one
+// warp's chunk spread over several small blocks, odd starts, padded input rows, one KV head, many
+// sequences, and a captured graph.
+TEST(GpuEncode, TokenwiseLayoutsMatchCpuBytes) {
+    struct L {
+        int d, H, batch, n, B, pad;
+        std::vector<int> pos0;
+        bool graph;
+    };
+    const std::vector<L> ls = {{128, 2, 2, 1000, 64, 0, {0, 37}, false},
+                               {128, 1, 3, 77, 2, 8, {1, 0, 5}, false},
+                               {64, 5, 2, 300, 4, 16, {3, 250}, false},
+                               {256, 3, 2, 45, 1, 0, {7, 0}, false},
+                               {128, 4, 8, 1, 64, 0, {0, 1, 63, 64, 65, 127, 128, 500}, false},
+                               {128, 3, 2, 200, 16, 8, {9, 64}, true}};
+    for (int k : {kDivision, kReciprocal, kVector})
+        for (const L& x : ls)
+            for (bool f16 : {false, true}) {
+                EncCase c;
+                c.d = x.d;
+                c.H = x.H;
+                c.batch = x.batch;
+                c.n = x.n;
+                c.B = x.B;
+                c.pad = x.pad;
+                c.pos0 = x.pos0;
+                c.graph = x.graph;
+                c.bits = 4;
+                c.group = 32;
+                c.f16 = f16;
+                set_kernel(c, k);
+                c.seed = 1700 + x.n + f16;
                 SCOPED_TRACE(testing::Message()
-                             << "reciprocal " << reciprocal << " bits " << bits << " group " << group);
+                             << kernel_name(k) << " kernel, d " << x.d << " H " << x.H << " batch " << x.batch << " n "
+                             << x.n << " B " << x.B << " pad " << x.pad << " graph " << x.graph << " f16 " << f16);
                 run_tokenwise(c);
             }
 }
 
 TEST(GpuEncode, WkvSmoothedMatchesCpuBytes) {
-    for (bool reciprocal : {false, true}) {
+    for (int k : {kDivision, kReciprocal, kVector}) {
         for (int bits : {2, 4, 8})
-            for (bool f16 : {false, true}) {
-                EncCase c;
-                c.bits = bits;
-                c.group = 128;
-                c.wkv = true;
-                c.f16 = f16;
-                c.reciprocal = reciprocal;
-                c.H = 4;
-                c.batch = 3;
-                c.n = 100;
-                c.pos0 = {0, 63, 130};
-                c.seed = 7 + bits;
-                SCOPED_TRACE(testing::Message() << "reciprocal " << reciprocal << " bits " << bits << " f16 " << f16);
-                run_tokenwise(c);
-            }
-        EncCase c;  // decode step: one token per sequence
-        c.wkv = true;
-        c.group = 128;
-        c.n = 1;
-        c.batch = 4;
-        c.pos0 = {0, 1, 63, 64};
-        c.reciprocal = reciprocal;
-        run_tokenwise(c);
+            for (bool f16 : {false, true})
+                for (bool edges : {false, true}) {
+                    EncCase c;
+                    c.bits = bits;
+                    c.group = 128;
+                    c.wkv = true;
+                    c.wkv_edges = edges;
+                    c.f16 = f16;
+                    set_kernel(c, k);
+                    c.H = 4;
+                    c.batch = 3;
+                    c.n = 100;
+                    c.pos0 = {0, 63, 130};
+                    c.seed = 7 + bits;
+                    SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, bits " << bits << " f16 " << f16
+                                                    << " edges (x == shift, scale out of range) " << edges);
+                    run_tokenwise(c);
+                }
+        for (int group : {32, 128}) {  // decode step: one token per sequence
+            EncCase c;
+            c.wkv = true;
+            c.group = group;
+            c.n = 1;
+            c.batch = 4;
+            c.pos0 = {0, 1, 63, 64};
+            c.f16 = group == 32;
+            set_kernel(c, k);
+            SCOPED_TRACE(testing::Message() << kernel_name(k) << " kernel, decode step, group " << group);
+            run_tokenwise(c);
+        }
     }
 }
 

@@ -3,9 +3,11 @@
 // (docs/FORMAT.md):
 //  * launch_tokenwise_encode: kvq::TokenwiseCodec (b = 2, 4, 8): QJL's values, the int-b baselines,
 //    and, with the static shift/scale of a layer set, WKVQuant's 2-D codec (x~ = (x - shift) / scale,
-//    then token-wise; what WkvKvCache + WkvCodec store). One warp per (token, KV head) row; the
-//    arithmetic is kvq::tokenwise_quantize_group's, operation for operation (IEEE division, no
-//    contraction), so the bytes are identical.
+//    then token-wise; what WkvKvCache + WkvCodec store). The default kernel (TokenwiseEncodeArgs::
+//    vector_kernel) gives a thread 8 channels of a run of tokens and replaces the divisions by
+//    reciprocals with exact corrections; the reference kernel (vector_kernel = false) takes one warp
+//    per (token, KV head) row with kvq::tokenwise_quantize_group's arithmetic, operation for
+//    operation (IEEE division, no contraction). All write the CPU's bytes (tests compare them).
 //  * launch_qjl_encode: kvq::QjlKeyCodec, with or without outliers. The JL projection S k runs on
 //    tensor cores (mma.sync m16n8k16, fp16 in, fp32 accumulate) with split operands: S = S_hi + S_lo
 //    (two fp16 parts, 22 bits), k (fp32 input) scaled by a power of two and split the same way
@@ -39,6 +41,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -298,6 +301,294 @@ __global__ void __launch_bounds__(256) tw_encode_fast_kernel(TokenwiseEncodeArgs
             side[k][mins_off] = lo_h.bits;
         }
     }
+}
+
+// Token-wise encode, vector path (TokenwiseEncodeArgs::vector_kernel; groups of >= 8 channels). The
+// previous kernels spend most of their instructions on work a whole warp repeats per row (shuffles,
+// the step division, addressing) and on per-element divisions; this one is organised around the
+// stores and amortises that work:
+//  * A CTA takes one (sequence, KV head) and 8 * S * (256 / d) consecutive tokens, so the head's
+//    smoothing constants are loaded once per thread and the tokens a warp finishes per step are
+//    adjacent rows of the same block: their code bytes (and side data) form one contiguous segment.
+//  * A thread owns 8 consecutive channels: one 16-byte load (fp16) per token, S tokens in flight per
+//    thread; a group of g channels spans g / 8 lanes (shuffle rounds only above 8 channels).
+//  * fp16 input: minimum and maximum in fp16 (exact: the conversion to fp32 preserves order), the
+//    pair (min, -max) reduced as one half2; the minimum is then its own fp16 rounding, so x - lo >= 0.
+//    min/max instructions treat -0 and +0 as they like, the CPU keeps the first of equal values: a
+//    group whose minimum or maximum is zero redoes the reduction the CPU's way (rare, warp-uniform).
+//  * (hi - lo) / L: q0 = (hi - lo) * RN(1/L), one FMA residual, one FMA correction; equal to the
+//    division for every float in [2^-60, 2^100] and L = 3, 15, 255 (checked exhaustively on the CPU,
+//    all ~1.3e9 floats of the range per L); outside that range the kernel divides.
+//  * codes: tokenwise_code_by_reciprocal's decision with the clamp moved before the rounding (q in
+//    [0, L], so only its |d| test is needed; fp16 input needs no clamp at all, see kNoClamp), and the
+//    codes packed by adding the rounded floats' bits (each is bits(1.5 * 2^23) + code) shifted into
+//    place and subtracting the constant part. Values within 2^-12 of a rounding boundary (about one
+//    in 2^11 on random data) are recoded by division, out of the hot path.
+//  * WKV smoothing (x - shift) / scale: CUDA's own division sequence (MUFU.RCP, one Newton step, q0,
+//    one FMA residual and correction) with the reciprocal part done once per channel; correct
+//    wherever the hardware's FCHK would pass. The kernel checks a smaller range, |x - shift| in
+//    [2^-90, 2^90] (zero excluded: its sign needs the division; for fp16 input the upper bound comes
+//    from |shift| <= 2^80 per channel) and |scale| in [2^-30, 2^30], and divides outside it.
+//  * A warp's S * RPS tokens normally sit in one block (FULL): one page lookup, no bounds checks, and
+//    store addresses that are the first token's plus constants.
+inline constexpr int kTwVecWarps = 8;
+
+template <bool F16>
+inline constexpr int kTwVecSteps = F16 ? 8 : 4;  // tokens per lane; 16 / 32 bytes of input each
+
+template <int D, int BITS, bool F16, bool WKV>
+__global__ void __launch_bounds__(kTwVecWarps * 32, WKV ? 3 : 4) tw_encode_vec_kernel(TokenwiseEncodeArgs a) {
+    constexpr int LPR = D / 8, RPS = 32 / LPR, S = kTwVecSteps<F16>, levels = (1 << BITS) - 1;
+    constexpr float kL = static_cast<float>(levels), kRound = 12582912.0f;  // 1.5 * 2^23
+    constexpr unsigned kRoundBits = 0x4B400000u;
+    using E = std::conditional_t<F16, __half, float>;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int sr = lane / LPR, cl = lane % LPR;  // row of the step, 8-channel slot in the row
+    const int h = blockIdx.y, b = blockIdx.z, H = a.n_kv_heads;
+    const int t0 = (blockIdx.x * kTwVecWarps + warp) * (S * RPS) + sr;
+    if (t0 - sr >= a.n_tokens) return;  // whole warp past the end
+    const std::int64_t ts = a.x_token_stride ? a.x_token_stride : std::int64_t(H) * D;
+    const std::int64_t bs = a.x_batch_stride ? a.x_batch_stride : ts * a.n_tokens;
+    const int lg = __ffs(a.group) - 1;  // group = 2^lg >= 8: lanes per group GL = 2^(lg - 3) <= LPR
+    const int GL = 1 << (lg - 3), ng = D >> lg, grp = cl >> (lg - 3);
+    const bool leader = (cl & (GL - 1)) == 0;
+    const int sh_b = __ffs(static_cast<int>(a.layout.block_tokens)) - 1;
+    const int bmask = static_cast<int>(a.layout.block_tokens) - 1;
+    const int pos_b = __ldg(a.pos0 + b);
+    const std::uint32_t* pg = a.pages + (std::size_t(b) * H + h) * a.page_stride;
+    // Offsets inside a block fit 32 bits (BlockLayout sizes are 32-bit; the launcher takes this kernel
+    // only for block_bytes < 2^32), so a row's addresses are one wide multiply-add and 32-bit offsets.
+    const unsigned side_off = static_cast<unsigned>(a.layout.token_side_offset()) + grp * 2;
+    const unsigned mins_off = a.layout.block_tokens * ng * 2;  // bytes from a step to its minimum
+    const unsigned side_tok = ng * 2, code_lane = cl * BITS, bbytes = static_cast<unsigned>(a.block_bytes);
+
+    // A warp's chunk of S * RPS tokens normally lies in one block and before the end: then (FULL) the
+    // page is looked up once, no token needs a bounds check, and the step's store addresses are the
+    // first token's plus constants.
+    const int base = t0 - sr;
+    const bool full =
+        base + S * RPS <= a.n_tokens && ((pos_b + base) >> sh_b) == ((pos_b + base + S * RPS - 1) >> sh_b);
+    auto run = [&](auto full_c) {
+        constexpr bool FULL = decltype(full_c)::value;
+        // Loads of all S tokens first (and their pages), so S * 16 or 32 bytes per lane are in flight.
+        uint4 raw[S][F16 ? 1 : 2];
+        std::uint32_t page[FULL ? 1 : S];
+        // 64-bit address arithmetic once; per token one 64-bit add.
+        const char* xp = static_cast<const char*>(a.x) +
+                         (std::size_t(b) * bs + std::size_t(t0) * ts + std::size_t(h) * D + cl * 8) * sizeof(E);
+        const std::size_t x_step = std::size_t(ts) * RPS * sizeof(E);
+        if constexpr (FULL) page[0] = __ldg(pg + ((pos_b + base) >> sh_b));
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const int t = t0 + s * RPS;
+            if (FULL || t < a.n_tokens) {
+                const uint4* p = reinterpret_cast<const uint4*>(xp + s * x_step);
+                raw[s][0] = __ldcs(p);
+                if constexpr (!F16) raw[s][1] = __ldcs(p + 1);
+                if constexpr (!FULL) page[s] = __ldg(pg + ((pos_b + t) >> sh_b));
+            } else {
+                raw[s][0] = make_uint4(0, 0, 0, 0);
+                if constexpr (!F16) raw[s][1] = make_uint4(0, 0, 0, 0);
+                if constexpr (!FULL) page[s] = 0;
+            }
+        }
+        // After the loads are issued: the smoothing constants of this thread's channels.
+        [[maybe_unused]] float shf[8], scl[8], rsc[8];
+        [[maybe_unused]] bool scale_ok = true;
+        if constexpr (WKV) {
+            const float* shp = a.shift + std::size_t(h) * D + cl * 8;
+            const float* scp = a.scale + std::size_t(h) * D + cl * 8;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {  // once per thread; shift / scale need no particular alignment
+                shf[i] = __ldg(shp + i);
+                scl[i] = __ldg(scp + i);
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float y0;  // the reciprocal part of __fdiv_rn's fast path, as its SASS does it
+                asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y0) : "f"(scl[i]));
+                rsc[i] = __fmaf_rn(y0, __fmaf_rn(-scl[i], y0, 1.0f), y0);
+                scale_ok &= fabsf(scl[i]) >= 0x1p-30f && fabsf(scl[i]) <= 0x1p30f;
+                if constexpr (F16) scale_ok &= fabsf(shf[i]) <= 0x1p80f;  // then |x - shift| < 2^90
+            }
+        }
+        const unsigned tok0 = static_cast<unsigned>((pos_b + t0) & bmask);  // FULL: token s is tok0 + s RPS
+        std::uint8_t* blk0 = a.pool + static_cast<unsigned long long>(page[0]) * bbytes;
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            const int t = t0 + s * RPS;
+            float v[8];
+            float lo, hi;
+            bool exact_minmax;
+            if constexpr (F16 && !WKV) {
+                __half2 hv[4];
+                std::memcpy(hv, &raw[s][0], 16);
+                const __half2 mn = __hmin2(__hmin2(hv[0], hv[1]), __hmin2(hv[2], hv[3]));
+                const __half2 mx = __hmax2(__hmax2(hv[0], hv[1]), __hmax2(hv[2], hv[3]));
+                // (min, -max) as one half2: sign flip and pairing by bit operations (PRMT, LOP3).
+                unsigned mnu, mxu;
+                std::memcpy(&mnu, &mn, 4);
+                std::memcpy(&mxu, &mx, 4);
+                mxu ^= 0x80008000u;
+                const unsigned pl = __byte_perm(mnu, mxu, 0x5410), ph = __byte_perm(mnu, mxu, 0x7632);
+                __half2 pl2, ph2;
+                std::memcpy(&pl2, &pl, 4);
+                std::memcpy(&ph2, &ph, 4);
+                __half2 c = __hmin2(pl2, ph2);
+#pragma unroll
+                for (int off = 1; off < LPR; off <<= 1)
+                    if (off < GL) c = __hmin2(c, __shfl_xor_sync(0xffffffffu, c, off));
+                lo = __low2float(c);
+                hi = -__high2float(c);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const float2 f = __half22float2(hv[i]);
+                    v[2 * i] = f.x, v[2 * i + 1] = f.y;
+                }
+                exact_minmax = !__any_sync(0xffffffffu, lo == 0.0f || hi == 0.0f);
+            } else {
+                float x[8];
+                if constexpr (F16) {
+                    __half2 hv[4];
+                    std::memcpy(hv, &raw[s][0], 16);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float2 f = __half22float2(hv[i]);
+                        x[2 * i] = f.x, x[2 * i + 1] = f.y;
+                    }
+                } else {
+                    std::memcpy(x, &raw[s][0], 32);
+                }
+                if constexpr (WKV) {
+                    bool ok = scale_ok;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) {
+                        const float u = __fsub_rn(x[i], shf[i]);
+                        const float q0 = __fmul_rn(u, rsc[i]);
+                        v[i] = __fmaf_rn(rsc[i], __fmaf_rn(-scl[i], q0, u), q0);
+                        if constexpr (F16)
+                            ok &= fabsf(u) >= 0x1p-90f;
+                        else
+                            ok &= fabsf(u) >= 0x1p-90f && fabsf(u) <= 0x1p90f;
+                    }
+                    if (!ok) {  // rare: the division itself (inline: a call would put v on the stack)
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) v[i] = __fdiv_rn(__fsub_rn(x[i], shf[i]), scl[i]);
+                    }
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) v[i] = x[i];
+                }
+                lo = v[0], hi = v[0];
+#pragma unroll
+                for (int i = 1; i < 8; ++i) lo = fminf(lo, v[i]), hi = fmaxf(hi, v[i]);
+#pragma unroll
+                for (int off = 1; off < LPR; off <<= 1)
+                    if (off < GL) {
+                        lo = fminf(lo, __shfl_xor_sync(0xffffffffu, lo, off));
+                        hi = fmaxf(hi, __shfl_xor_sync(0xffffffffu, hi, off));
+                    }
+                exact_minmax = !__any_sync(0xffffffffu, lo == 0.0f || hi == 0.0f);
+            }
+            if (!exact_minmax) {
+                // A zero minimum or maximum: the CPU's order (first of equal values in channel order; the
+                // butterfly keeps the lower lane's on ties, so the group's first lane gets the CPU's).
+                lo = v[0], hi = v[0];
+#pragma unroll
+                for (int i = 1; i < 8; ++i) {
+                    lo = v[i] < lo ? v[i] : lo;
+                    hi = v[i] > hi ? v[i] : hi;
+                }
+#pragma unroll
+                for (int off = 1; off < LPR; off <<= 1)
+                    if (off < GL) {
+                        const float ol = __shfl_xor_sync(0xffffffffu, lo, off);
+                        const float oh = __shfl_xor_sync(0xffffffffu, hi, off);
+                        lo = ol < lo ? ol : lo;
+                        hi = oh > hi ? oh : hi;
+                    }
+            }
+            const float diff = __fsub_rn(hi, lo);
+            float stepf;
+            if (diff >= 0x1p-60f && diff <= 0x1p100f) {
+                const float q0 = __fmul_rn(diff, 1.0f / kL);
+                stepf = __fmaf_rn(__fmaf_rn(-kL, q0, diff), 1.0f / kL, q0);
+            } else {
+                stepf = __fdiv_rn(diff, kL);  // zero (either sign), tiny, huge or NaN
+            }
+            const half_t step_h = enc_f2h(stepf), lo_h = enc_f2h(lo);
+            const float step = enc_h2f(step_h), lo_r = enc_h2f(lo_h);
+            float r = 0.0f;  // as in tw_encode_fast_kernel: within 1 ulp of 1 / step
+            if (step > 0.0f) {
+                float r0;
+                asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r0) : "f"(step));
+                r = __fmaf_rn(r0, __fmaf_rn(-step, r0, 1.0f), r0);
+            }
+            // fp16 without smoothing: lo_r == lo <= every value, so q >= 0; and with a normal fp16 step
+            // (relative error <= 2^-11) q <= (hi - lo) r <= L (1 + 2^-11 + 2^-21) < L + 1/2, so
+            // round(q) <= L: no clamps. A subnormal step (a group narrower than ~2^-14 L) divides.
+            constexpr bool kNoClamp = F16 && !WKV;
+            const bool step_ok = (step >= (kNoClamp ? 0x1p-14f : 0.0f) && step < INFINITY) || !(step > 0.0f);
+            float worst = step_ok ? 0.0f : 1.0f;  // else every value divides
+            unsigned wv[BITS == 8 ? 2 : 1] = {};
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                float q = __fmul_rn(__fsub_rn(v[i], lo_r), r);
+                if constexpr (!kNoClamp) q = fminf(fmaxf(q, 0.0f), kL);
+                const float tr = __fadd_rn(q, kRound);
+                worst = fmaxf(worst, fabsf(__fsub_rn(q, __fsub_rn(tr, kRound))));
+                constexpr int per_word = 32 / BITS < 8 ? 32 / BITS : 8;
+                wv[i / per_word] += __float_as_uint(tr) << ((i % per_word) * BITS);
+            }
+            unsigned long long w;
+            {
+                constexpr int per_word = 32 / BITS < 8 ? 32 / BITS : 8;
+                unsigned cst = 0;
+                for (int i = 0; i < per_word; ++i) cst += kRoundBits << (i * BITS);
+                if constexpr (BITS == 8)
+                    w = static_cast<unsigned long long>(wv[0] - cst) |
+                        (static_cast<unsigned long long>(wv[1] - cst) << 32);
+                else
+                    w = wv[0] - cst;
+            }
+            if (worst > 0.5f - 0x1p-12f) {
+                // Rare (about one value in 2^11 on random data): redo the values within 2^-12 of a rounding
+                // boundary (all of them when step_ok fails) by division; only those fields change. With
+                // step_ok every code above is in [0, L], so no field spilled into its neighbour.
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    const float u = __fsub_rn(v[i], lo_r);
+                    float q = __fmul_rn(u, r);
+                    if constexpr (!kNoClamp) q = fminf(fmaxf(q, 0.0f), kL);
+                    const float dd = __fsub_rn(q, __fsub_rn(__fadd_rn(q, kRound), kRound));
+                    if (!step_ok || fabsf(dd) > 0.5f - 0x1p-12f) {
+                        const unsigned long long c = static_cast<unsigned>(tw_code_by_division(u, step, levels));
+                        w = (w & ~(static_cast<unsigned long long>(levels) << (i * BITS))) | (c << (i * BITS));
+                    }
+                }
+            }
+            if (FULL || t < a.n_tokens) {
+                const unsigned tok = FULL ? tok0 + s * RPS : static_cast<unsigned>((pos_b + t) & bmask);
+                std::uint8_t* blk = FULL ? blk0 : a.pool + static_cast<unsigned long long>(page[s]) * bbytes;
+                std::uint8_t* codes = blk + (tok * (D * BITS / 8) + code_lane);
+                if constexpr (BITS == 2)
+                    *reinterpret_cast<std::uint16_t*>(codes) = static_cast<std::uint16_t>(w);
+                else if constexpr (BITS == 4)
+                    *reinterpret_cast<std::uint32_t*>(codes) = static_cast<std::uint32_t>(w);
+                else
+                    *reinterpret_cast<unsigned long long*>(codes) = w;
+                if (leader) {
+                    std::uint8_t* side = blk + (side_off + tok * side_tok);
+                    *reinterpret_cast<std::uint16_t*>(side) = step_h.bits;
+                    *reinterpret_cast<std::uint16_t*>(side + mins_off) = lo_h.bits;
+                }
+            }
+        }
+    };
+    if (full)
+        run(std::true_type{});
+    else
+        run(std::false_type{});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1265,6 +1556,39 @@ inline void launch_tokenwise_encode(const TokenwiseEncodeArgs& a, cudaStream_t s
     KVQ_CHECK(ok.ok, ok.message);
     const std::size_t rows = std::size_t(a.n_tokens) * a.n_kv_heads;
     if (rows == 0) return;
+    if (a.vector_kernel && a.group >= 8 && a.block_bytes < (std::size_t(1) << 32)) {
+        const bool f16 = a.x_type == QueryType::F16, wkv = a.shift != nullptr;
+        const int rps = 256 / a.head_dim, steps = f16 ? detail::kTwVecSteps<true> : detail::kTwVecSteps<false>;
+        const int per_cta = detail::kTwVecWarps * steps * rps;
+        const dim3 grid(static_cast<unsigned>((a.n_tokens + per_cta - 1) / per_cta),
+                        static_cast<unsigned>(a.n_kv_heads), static_cast<unsigned>(a.batch));
+        auto go = [&](auto kernel) {
+            kernel<<<grid, detail::kTwVecWarps * 32, 0, stream>>>(a);
+            KVQ_CUDA_CHECK_LAUNCH("tw_encode_vec_kernel");
+        };
+        auto with_in = [&](auto d_c, auto bits_c) {
+            constexpr int Dc = decltype(d_c)::value, Bc = decltype(bits_c)::value;
+            if (f16)
+                wkv ? go(detail::tw_encode_vec_kernel<Dc, Bc, true, true>)
+                    : go(detail::tw_encode_vec_kernel<Dc, Bc, true, false>);
+            else
+                wkv ? go(detail::tw_encode_vec_kernel<Dc, Bc, false, true>)
+                    : go(detail::tw_encode_vec_kernel<Dc, Bc, false, false>);
+        };
+        auto with_d = [&](auto d_c) {
+            switch (a.bits) {
+                case 2: with_in(d_c, std::integral_constant<int, 2>{}); break;
+                case 4: with_in(d_c, std::integral_constant<int, 4>{}); break;
+                default: with_in(d_c, std::integral_constant<int, 8>{}); break;
+            }
+        };
+        switch (a.head_dim) {
+            case 64: with_d(std::integral_constant<int, 64>{}); break;
+            case 128: with_d(std::integral_constant<int, 128>{}); break;
+            default: with_d(std::integral_constant<int, 256>{}); break;
+        }
+        return;
+    }
     const std::size_t per_cta = 8 * (a.reciprocal_codes ? detail::kTwFastRowsPerWarp : detail::kTwRowsPerWarp);
     const dim3 blocks(static_cast<unsigned>((rows + per_cta - 1) / per_cta), static_cast<unsigned>(a.batch));
     auto go = [&](auto kernel) {

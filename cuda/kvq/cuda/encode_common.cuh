@@ -41,9 +41,16 @@ struct TokenwiseEncodeArgs : EncodeTarget {
     // Optional WKV static smoothing of this layer, device [n_kv_heads][head_dim] each (both or none).
     const float* shift = nullptr;
     const float* scale = nullptr;
-    // Experimental until it has run on a GPU (docs/CUDA.md): the same bytes from a kernel that codes
-    // by reciprocal with an exact fallback and takes 8 rows per warp (~4x fewer instructions).
+    // The same bytes from a kernel that codes by reciprocal with an exact fallback and takes 8 rows
+    // per warp (tested on the H100; 9-13% faster than the division kernel for int2/int4, slower for WKV).
     bool reciprocal_codes = false;
+    // Default: the same bytes from tw_encode_vec_kernel (encode.cuh says how: a thread per 8 channels,
+    // 16-byte loads with 8 tokens in flight per thread, adjacent tokens' codes stored together, no
+    // per-element division, ~80 instructions per d = 128 row). H100, 64k tokens x 32 heads, fp16 in:
+    // int2 242 us (87% of copy bandwidth), int4 267 us, WKV int4 g128 393 us, against 1016 / 1062 /
+    // 1100 us for the division kernel. Groups of fewer than 8 channels keep the kernel that
+    // reciprocal_codes selects; false selects it everywhere (A/B runs).
+    bool vector_kernel = true;
 };
 
 struct QjlEncodeArgs : EncodeTarget {
