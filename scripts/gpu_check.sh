@@ -35,6 +35,6 @@ if ((SANITIZE)); then
   done
   exit 0
 fi
-./build-dev/bench_score 2>&1 | tee "$OUT/bench_score.log" | grep -E "^\||device|copy" | head -60|device|copy" | head -40
-./build-dev/bench_enc 2>&1 | tee "$OUT/bench_enc.log" | grep -E "^\||device|copy" | head -60|device|copy" | head -80
-./build-dev/bench_dec "$@" 2>&1 | tee "$OUT/bench_dec.log" | grep -E "^\||device|copy" | head -60|device|copy" | head -120
+./build-dev/bench_score 2>&1 | tee "$OUT/bench_score.log" | grep -E "^\||device|copy" | head -60
+./build-dev/bench_enc 2>&1 | tee "$OUT/bench_enc.log" | grep -E "^\||device|copy" | head -80
+./build-dev/bench_dec "$@" 2>&1 | tee "$OUT/bench_dec.log" | grep -E "^\||device|copy" | head -120
