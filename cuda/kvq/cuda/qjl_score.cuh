@@ -505,6 +505,23 @@ static __global__ void qjl_score_outlier_kernel(QjlScoreArgs a, const float* pro
     (void)ntab;
 }
 
+// T = sum_j b_j u_j of one BMMA row for the int8 bit-sliced query (qjl_query.cuh): the m16n8k256
+// AND+POPC over the KS 256-bit steps gives, per lane, the popcounts of bit planes 2t and 2t + 1 for
+// rows g and g + 8; weighted by 2^plane (-128 for plane 7) and summed over the quad, lanes with t even
+// hold row g's sum and lanes with t odd row g + 8's.
+template <int KS>
+__device__ __forceinline__ int qjl_tc_bit_sum(const std::uint32_t (&av)[KS][4], const std::uint32_t (*b)[2], int wt0,
+                                              int wt1, int t) {
+    int c[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) tc::bmma_m16n8k256_popc(c, av[ks], b[ks]);
+    const int x0 = c[0] * wt0 + c[1] * wt1, x1 = c[2] * wt0 + c[3] * wt1;
+    int mine = (t & 1) ? x1 : x0;
+    mine += __shfl_xor_sync(0xffffffffu, (t & 1) ? x0 : x1, 1);
+    mine += __shfl_xor_sync(0xffffffffu, mine, 2);
+    return mine;
+}
+
 // Step 2, tensor-core path (no outliers, blocks >= 16 tokens). grid = (token chunks, n_kv_heads),
 // kQjlTcWarps warps per CTA. Each warp takes U 16-token steps of its CTA's chunk at a time (warps
 // interleaved, so the CTA reads its chunk front to back): first all loads of the U steps (one
@@ -613,13 +630,7 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
             const int tok = p + row;
             const bool store = t < 2 && tok < c_end;
             auto score_head = [&](int hh, const std::uint32_t(*b)[2], float csh, int ush) {
-                int c[4] = {0, 0, 0, 0};
-#pragma unroll
-                for (int ks = 0; ks < KS; ++ks) tc::bmma_m16n8k256_popc(c, av[u][ks], b[ks]);
-                const int x0 = c[0] * wt0 + c[1] * wt1, x1 = c[2] * wt0 + c[3] * wt1;
-                int mine = (t & 1) ? x1 : x0;
-                mine += __shfl_xor_sync(0xffffffffu, (t & 1) ? x0 : x1, 1);
-                mine += __shfl_xor_sync(0xffffffffu, mine, 2);
+                const int mine = qjl_tc_bit_sum<KS>(av[u], b, wt0, wt1, t);
                 if (store) out0[std::size_t(hh) * ss + tok] = (csh * nrm[u]) * static_cast<float>(2 * mine - ush);
             };
             if constexpr (GT > 0) {
@@ -820,13 +831,7 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
             const float nrm = __half2float(__ushort_as_half(nr[16 * u]));
             const bool store = t < 2 && p + row < T;
             auto score_head = [&](int hh, const std::uint32_t(*b)[2], float csh, int ush) {
-                int c[4] = {0, 0, 0, 0};
-#pragma unroll
-                for (int ks = 0; ks < KS; ++ks) tc::bmma_m16n8k256_popc(c, av[ks], b[ks]);
-                const int x0 = c[0] * wt0 + c[1] * wt1, x1 = c[2] * wt0 + c[3] * wt1;
-                int mine = (t & 1) ? x1 : x0;
-                mine += __shfl_xor_sync(kFull, (t & 1) ? x0 : x1, 1);
-                mine += __shfl_xor_sync(kFull, mine, 2);
+                const int mine = qjl_tc_bit_sum<KS>(av, b, wt0, wt1, t);
                 if (store) out[std::size_t(hh) * ss + 16 * u] = (csh * nrm) * static_cast<float>(2 * mine - ush);
             };
             if constexpr (GT > 0) {
