@@ -59,6 +59,28 @@
 #include "kvq/cuda/mma.cuh"
 #include "kvq/cuda/qjl_query.cuh"
 
+// KVQ_TC_LEAN (default 0): a leaner tile body for the QJL kernel with G = 1 (decode_tc_kernel<D, VBITS,
+// 1, 0>), the same arithmetic (bit-identical outputs are the intent; see bench/GPU_NOTES.md round 3):
+//  * the K steps (m / 256, last one partial) and, for m = 256 k, the key row stride are compile time
+//    (a switch per tile), so a 16-position step issues ceil(m / 256) BMMA without predicates;
+//  * the plane weights and the quad reduction of the popcounts run on one mma.m16n8k16 per two steps
+//    (popcounts as exact fp16 c 2^-24, B = the weights 2 w_n in the column pair of the step), which
+//    leaves lane (g, t) the exact 2T 2^-24 of positions 16t + g, 16t + g + 8:
+//    no shuffles, and each lane scores 2 distinct positions instead of the quad's 8 shared ones;
+//  * the softmax computes 2 exponentials per lane instead of 8 (the running sum keeps the default
+//    order: the quad's values are gathered by 8 width-4 shuffles);
+//  * the weights take their probabilities straight from the owning lanes, the value steps/minima are
+//    read at compile-time offsets (value groups per head 1, 2 or 4: a switch per tile), and full tiles
+//    have no per-step validity branches (partial tiles keep the default guards);
+//  * the value mma of a step runs without a branch (steps past the tile's end have weights 0).
+// Token-wise keys (KBITS > 0) and G > 1 keep the default code.
+#ifndef KVQ_TC_LEAN
+#define KVQ_TC_LEAN 0
+#endif
+#if KVQ_TC_LEAN
+#include <type_traits>
+#endif
+
 namespace kvq::cuda::detail {
 
 inline constexpr int kTcWarps = 4;
@@ -279,6 +301,25 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
 
+#if KVQ_TC_LEAN
+    constexpr bool kLean = kQjl && G == 1;
+    // B of the reduction mma (k = 8 planes of step 2q, then 8 of step 2q + 1; column n = 2 sp + e holds
+    // step sp): this lane's column g carries the weights 2 w of planes 2t, 2t + 1 in the half of its step.
+    std::uint32_t lred[2][2];
+    {
+        const std::uint32_t wb = tc::pack_half2(2.0f * static_cast<float>(wt0), 2.0f * static_cast<float>(wt1));
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+            lred[q][0] = (g >> 1) == 2 * q ? wb : 0u;
+            lred[q][1] = (g >> 1) == 2 * q + 1 ? wb : 0u;
+        }
+    }
+    float lusum = 0.f;  // usum as float, exact (|usum| <= 127 m)
+    if constexpr (kQjl) lusum = static_cast<float>(usum[0]);
+    const int lk_off = st.kc + g * kcb + 8 * t;    // key row g of step 0, this lane's 8 bytes
+    const int lkn_off = st.kn + 2 * (16 * t + g);  // norm of position 16t + g
+#endif
+
     // Token-wise keys: combinations (head, group of the k-step) = column & 3; a k-step holds kps groups
     // (one per lane quarter, or the 1-2 groups that span them), and with kng > 4 the quarter's
     // sub-groups form ncls classes that the k-steps go through in order.
@@ -488,7 +529,87 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 
         // 1. Scores of the tile's positions (rows g, g + 8 of each step), all heads.
         float sc[4][2][G];
+#if KVQ_TC_LEAN
+        float corr[G];
+        float lp0 = 0.f, lp1 = 0.f;  // lean: probabilities of positions 16t + g, 16t + g + 8
+        if constexpr (kLean) {
+            // 1'. Popcounts of steps 2q, 2q + 1 -> one mma: dsc = 2T 2^-24 of step t (exact: integers below 2^19
+            // in units of 2^-24). Steps >= ns read stale (finite) codes; their scores become -inf.
+            float dsc[4] = {0.f, 0.f, 0.f, 0.f};
+            const std::uint8_t* kr = s + lk_off;
+            auto bits = [&](auto ksc, auto kcbc) {
+                constexpr int KS = decltype(ksc)::value, KCB = decltype(kcbc)::value;
+                const int rs = KCB > 0 ? KCB : kcb;
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    int cc[2][4];
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        cc[h][0] = cc[h][1] = cc[h][2] = cc[h][3] = 0;
+#pragma unroll
+                        for (int ks = 0; ks < KS; ++ks) {
+                            // Word loads straight into the operand order (an 8-byte load per row needs moves).
+                            const std::uint32_t* r0 =
+                                reinterpret_cast<const std::uint32_t*>(kr + (16 * (2 * q + h)) * rs + 32 * ks);
+                            const std::uint32_t av[4] = {r0[0], r0[2 * rs], r0[1], r0[2 * rs + 1]};
+                            tc::bmma_m16n8k256_popc(cc[h], av, bq[0][ks]);
+                        }
+                    }
+                    const std::uint32_t af[4] = {
+                        tc::prmt_lo(static_cast<std::uint32_t>(cc[0][0]), static_cast<std::uint32_t>(cc[0][1])),
+                        tc::prmt_lo(static_cast<std::uint32_t>(cc[0][2]), static_cast<std::uint32_t>(cc[0][3])),
+                        tc::prmt_lo(static_cast<std::uint32_t>(cc[1][0]), static_cast<std::uint32_t>(cc[1][1])),
+                        tc::prmt_lo(static_cast<std::uint32_t>(cc[1][2]), static_cast<std::uint32_t>(cc[1][3]))};
+                    tc::mma_m16n8k16_f16(dsc, af, lred[q]);
+                }
+            };
+            using std::integral_constant;
+            switch (m) {
+                case 256: bits(integral_constant<int, 1>{}, integral_constant<int, 32>{}); break;
+                case 512: bits(integral_constant<int, 2>{}, integral_constant<int, 64>{}); break;
+                case 768: bits(integral_constant<int, 3>{}, integral_constant<int, 96>{}); break;
+                case 1024: bits(integral_constant<int, 4>{}, integral_constant<int, 128>{}); break;
+                default:
+                    if (ksteps == 1)
+                        bits(integral_constant<int, 1>{}, integral_constant<int, 0>{});
+                    else if (ksteps == 2)
+                        bits(integral_constant<int, 2>{}, integral_constant<int, 0>{});
+                    else if (ksteps == 3)
+                        bits(integral_constant<int, 3>{}, integral_constant<int, 0>{});
+                    else
+                        bits(integral_constant<int, 4>{}, integral_constant<int, 0>{});
+            }
+            const unsigned short* knl = reinterpret_cast<const unsigned short*>(s + lkn_off);
+            const float n0 = __half2float(__ushort_as_half(knl[0]));
+            const float n1 = __half2float(__ushort_as_half(knl[8]));
+            // fmaf(dsc, 2^24, -usum) = float(2T - usum) exactly (integers below 2^20).
+            float s0 = ((cs[0] * n0) * fmaf(dsc[0], 16777216.0f, -lusum)) * scale;
+            float s1 = ((cs[0] * n1) * fmaf(dsc[2], 16777216.0f, -lusum)) * scale;
+            if (t >= ns) s0 = s1 = -INFINITY;
+            // 2'. Online softmax over the warp's 64 distinct scores.
+            float mx = fmaxf(s0, s1);
+#pragma unroll
+            for (int o = 1; o < 32; o *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+            const float m_new = fmaxf(m_run[0], mx);
+            corr[0] = tc_exp(m_run[0] - m_new);
+            lp0 = tc_exp(s0 - m_new);
+            lp1 = tc_exp(s1 - m_new);
+            // The default's order: row g's 8 values of the quad in step order, then over g.
+            float sum = 0.f;
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                sum += __shfl_sync(0xffffffffu, lp0, sp, 4);
+                sum += __shfl_sync(0xffffffffu, lp1, sp, 4);
+            }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 8);
+            sum += __shfl_xor_sync(0xffffffffu, sum, 16);
+            l_run[0] = l_run[0] * corr[0] + sum;
+            m_run[0] = m_new;
+        } else if constexpr (kQjl) {
+#else
         if constexpr (kQjl) {
+#endif
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) {
                 if (sp < ns) {
@@ -584,9 +705,14 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             }
         }
         // 2. Online softmax per head (quads hold identical copies; reduce over g: xor 4, 8, 16).
+#if KVQ_TC_LEAN
+#pragma unroll
+        for (int hh = 0; hh < (kLean ? 0 : G); ++hh) {  // lean: done in 2'
+#else
         float corr[G];
 #pragma unroll
         for (int hh = 0; hh < G; ++hh) {
+#endif
             float mx = -INFINITY;
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) mx = fmaxf(mx, fmaxf(sc[sp][0][hh], sc[sp][1][hh]));
@@ -614,8 +740,59 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         const unsigned short* vmn = vst + kTcTile * vng;
         float w[4][4];
         float wmax = 0.f, msum = 0.f;
+#if KVQ_TC_LEAN
+        if constexpr (kLean) {
+            // 3'. Probabilities from the owning lanes (position t + 4 kq of step sp: lane 4 (t + 4 (kq & 1)) + sp,
+            // lp0 / lp1 for kq < 2 / >= 2), steps and minima at compile-time offsets. Same products and
+            // order as the default; the guards only in partial tiles. In full tiles columns without a
+            // (head, group) read group 0 (finite; their accumulators are never used).
+            auto wts = [&](auto vngc, auto fullc) {
+                constexpr int VNG = decltype(vngc)::value;
+                constexpr bool FULL = decltype(fullc)::value;
+                const unsigned short* vl = vst + (t * VNG + grp_b);
+#pragma unroll
+                for (int sp = 0; sp < 4; ++sp) {
+                    const float pq[4] = {
+                        __shfl_sync(0xffffffffu, lp0, 4 * t + sp), __shfl_sync(0xffffffffu, lp0, 4 * t + 16 + sp),
+                        __shfl_sync(0xffffffffu, lp1, 4 * t + sp), __shfl_sync(0xffffffffu, lp1, 4 * t + 16 + sp)};
+#pragma unroll
+                    for (int kq = 0; kq < 4; ++kq) {
+                        const int pos = 16 * sp + 4 * kq;  // + t (in vl)
+                        float stp = 0.f, mnv = 0.f;
+                        if (FULL || (valid_b && sp < ns)) {
+                            stp = __half2float(__ushort_as_half(vl[pos * VNG]));
+                            mnv = __half2float(__ushort_as_half(vl[(kTcTile + pos) * VNG]));
+                        }
+                        w[sp][kq] = pq[kq] * stp;
+                        msum = fmaf(pq[kq], mnv, msum);
+                        wmax = fmaxf(wmax, w[sp][kq]);
+                    }
+                }
+            };
+            using std::integral_constant;
+            // tc_supported: G vng <= 4 and vng = d / value_group with value_group | d: vng is 1, 2 or 4.
+            if (ns == 4) {
+                if (vng == 4)
+                    wts(integral_constant<int, 4>{}, std::true_type{});
+                else if (vng == 2)
+                    wts(integral_constant<int, 2>{}, std::true_type{});
+                else
+                    wts(integral_constant<int, 1>{}, std::true_type{});
+            } else {
+                if (vng == 4)
+                    wts(integral_constant<int, 4>{}, std::false_type{});
+                else if (vng == 2)
+                    wts(integral_constant<int, 2>{}, std::false_type{});
+                else
+                    wts(integral_constant<int, 1>{}, std::false_type{});
+            }
+        }
+#pragma unroll
+        for (int sp = 0; sp < (kLean ? 0 : 4); ++sp) {  // lean: done in 3'
+#else
 #pragma unroll
         for (int sp = 0; sp < 4; ++sp) {
+#endif
             float pq[4];
 #pragma unroll
             for (int hh = 0; hh < G; ++hh) {
@@ -647,9 +824,34 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 1));
         wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 2));
         if (wmax > 0.f) e_b = min(e_b, 141 - static_cast<int>(__float_as_uint(wmax) >> 23));
+#if KVQ_TC_LEAN
+        if constexpr (kLean) {
+            // The same factors; the 4 MT multiplies only when some lane's factor is not 1 (x 1 is exact).
+            float f[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int e_nw = __shfl_sync(0xffffffffu, e_b, 4 * (2 * t + e));
+                f[e] = corr[head_d[e]] * tc_pow2(e_nw - e_d[e]);
+                e_d[e] = e_nw;
+            }
+            if (__any_sync(0xffffffffu, f[0] != 1.0f || f[1] != 1.0f)) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+#pragma unroll
+                    for (int j = 0; j < MT; ++j) {
+                        acc[j][e] *= f[e];
+                        acc[j][2 + e] *= f[e];
+                    }
+            }
+        }
+#endif
         int e_new[2];
 #pragma unroll
+#if KVQ_TC_LEAN
+        for (int e = 0; e < (kLean ? 0 : 2); ++e) {  // lean: done above
+#else
         for (int e = 0; e < 2; ++e) {
+#endif
             e_new[e] = __shfl_sync(0xffffffffu, e_b, 4 * (2 * t + e));
             const float f = corr[head_d[e]] * tc_pow2(e_new[e] - e_d[e]);
             e_d[e] = e_new[e];
@@ -665,7 +867,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         // that the code loads of a step can overlap the mma chain of the previous one.
 #pragma unroll
         for (int sp = 0; sp < 4; ++sp) {
+#if KVQ_TC_LEAN
+            if ((!kQjl && D <= 128) || kLean || sp < ns) {
+#else
             if ((!kQjl && D <= 128) || sp < ns) {
+#endif
                 std::uint32_t bf[2];
 #pragma unroll
                 for (int hp = 0; hp < 2; ++hp) {
