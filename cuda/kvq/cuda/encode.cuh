@@ -48,6 +48,14 @@
 #include "kvq/cuda/encode_common.cuh"
 #include "kvq/cuda/mma.cuh"
 
+// Opt-in, not yet run on a GPU: qjl_encode_f16_kernel with twice the warps per SM (8 sketch rows per
+// warp instead of 16). 1: 2 CTAs of 512 threads per SM for d <= 128; 2: one CTA of 1024 threads for
+// d <= 128; both: one CTA of 512 threads for d = 256. Same bytes; bench/GPU_NOTES.md round 3,
+// "KVQ_QJL_ENC_2CTA", says what changes and how to A/B it. 0 (default): the tested kernel.
+#ifndef KVQ_QJL_ENC_2CTA
+#define KVQ_QJL_ENC_2CTA 0
+#endif
+
 namespace kvq::cuda {
 namespace detail {
 
@@ -1127,18 +1135,32 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
 //    queue, no atomics and no extra phase.
 //  * Row targets (page lookups) are fetched two tiles ahead and stored after the mma, so their
 //    latency never stalls a barrier; codes leave as whole 32-bit words.
+//  * KVQ_QJL_ENC_2CTA: a warp owns JW = 8 sketch rows (one n-tile: half the fragment registers), a
+//    CTA 16 warps = 128 sketch rows; for d <= 128 the kernel is capped at 64 registers so that 2 CTAs
+//    (32 warps) share an SM and one CTA's norms, barriers and stores overlap the other's mma. The
+//    arithmetic of every projection (operands, mma order per accumulator) is unchanged.
+//  * KVQ_QJL_ENC_2CTA == 2 (the other way to double the warps, for A/B): one CTA of 32 warps (256
+//    sketch rows, the grid of the default kernel) for d <= 128, so loads, norms and stores are not
+//    done twice, but the phases of a tile do not overlap; d = 256 as with 1.
+template <int D>
+inline constexpr int kQjlF16Warps = KVQ_QJL_ENC_2CTA == 0 ? kQjlEncWarps<D>
+                                                          : (KVQ_QJL_ENC_2CTA == 2 && D <= 128 ? 32 : 16);
+inline constexpr int kQjlF16JW = KVQ_QJL_ENC_2CTA ? 8 : kQjlEncJW;  // sketch rows per warp
+template <int D>
+inline constexpr int kQjlF16Ctas = (KVQ_QJL_ENC_2CTA == 1 && D <= 128) ? 2 : 1;  // CTAs per SM (launch bounds)
+
 template <int D>
 struct QjlFastSmem {
-    static constexpr int RT = kQjlEncRows, AST = D + 8, NW = kQjlEncWarps<D>;
-    static constexpr std::size_t raw = 0;                                      // [2][RT][AST] half
-    static constexpr std::size_t codes = raw + std::size_t(2) * RT * AST * 2;  // [RT][NW] u16
-    static constexpr std::size_t tau = codes + std::size_t(RT) * NW * 2;       // [RT] float (< 0: no check)
-    static constexpr std::size_t src = tau + RT * 4;                           // [3][RT] input row pointers
-    static constexpr std::size_t tgt = src + 3 * RT * 8;                       // [3][RT] int2 {page, tok}
+    static constexpr int RT = kQjlEncRows, AST = D + 8, NW = kQjlF16Warps<D>;
+    static constexpr std::size_t raw = 0;                                             // [2][RT][AST] half
+    static constexpr std::size_t codes = raw + std::size_t(2) * RT * AST * 2;         // [RT][NW] JW-bit words
+    static constexpr std::size_t tau = codes + std::size_t(RT) * NW * kQjlF16JW / 8;  // [RT] float (< 0: no check)
+    static constexpr std::size_t src = tau + RT * 4;                                  // [3][RT] input row pointers
+    static constexpr std::size_t tgt = src + 3 * RT * 8;                              // [3][RT] int2 {page, tok}
     // The CTA's NW * JW sketch rows in fp32 (zeros past m), for the float64 recheck: without them a
     // recheck waits on L2 while the rest of the CTA waits at the next barrier.
-    static constexpr std::size_t sk = tgt + 3 * RT * 8;  // [NW * kQjlEncJW][D] float
-    static constexpr std::size_t bytes = sk + std::size_t(NW) * kQjlEncJW * D * 4;
+    static constexpr std::size_t sk = tgt + 3 * RT * 8;  // [NW * kQjlF16JW][D] float
+    static constexpr std::size_t bytes = sk + std::size_t(NW) * kQjlF16JW * D * 4;
 };
 
 __device__ __forceinline__ void qjl_ldmatrix_x4(unsigned r[4], unsigned saddr) {
@@ -1167,10 +1189,11 @@ __device__ __noinline__ double qjl_norm_f64_part(const __half* row, int p) {
     return s;
 }
 
-// A lane's 16 accumulators of a pair of m-tiles, index v = 8 p + 4 nt + k (acc[p][nt][k]): m-tile
-// p, row 16 p + lane / 4 (+ 8 for k >= 2), the warp's sketch row 8 nt + 2 (lane % 4) + (k & 1).
-struct QjlAcc16 {
-    float v[16];
+// A lane's 8 NT accumulators of a pair of m-tiles, index v = 4 NT p + 4 nt + k (acc[p][nt][k]):
+// m-tile p, row 16 p + lane / 4 (+ 8 for k >= 2), the warp's sketch row 8 nt + 2 (lane % 4) + (k & 1).
+template <int N>
+struct QjlAccN {
+    float v[N];
 };
 
 // Exact (float64) signs of the projections closer to zero than their bound th[p][k >> 1] (th[2 p +
@@ -1178,15 +1201,16 @@ struct QjlAcc16 {
 // replaced. The whole warp computes each flagged dot product: channels lane, lane + 32, ...
 // (products of fp32 and fp16 values are exact in float64). Called by all 32 lanes. `rows`: the
 // pair's first tile row, `sketch`: the warp's JW sketch rows (both in shared memory).
-template <int D>
-__device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAcc16 acc, float4 th, const __half* rows,
+template <int D, int NT>
+__device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAccN<8 * NT> acc, float4 th, const __half* rows,
                                                  const float* sketch) {
-    constexpr int AST = D + 8;
+    constexpr int AST = D + 8, PSH = NT == 2 ? 3 : 2;  // v >> PSH: m-tile p
+    static_assert(NT == 1 || NT == 2, "1 or 2 n-tiles");
     const int lane = threadIdx.x & 31;
     const float thv[4] = {th.x, th.y, th.z, th.w};
     unsigned near = 0;
 #pragma unroll
-    for (int v = 0; v < 16; ++v) near |= (fabsf(acc.v[v]) <= thv[(v >> 3) * 2 + ((v >> 1) & 1)] ? 1u : 0u) << v;
+    for (int v = 0; v < 8 * NT; ++v) near |= (fabsf(acc.v[v]) <= thv[(v >> PSH) * 2 + ((v >> 1) & 1)] ? 1u : 0u) << v;
     unsigned pending = __ballot_sync(0xffffffffu, near != 0);
     while (pending) {
         const int src = __ffs(pending) - 1;
@@ -1195,7 +1219,7 @@ __device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAcc16 acc, flo
         while (nm) {
             const int v = __ffs(nm) - 1;
             nm &= nm - 1;
-            const int p = v >> 3, nt = (v >> 2) & 1, k = v & 3;
+            const int p = v >> PSH, nt = (v >> 2) & (NT - 1), k = v & 3;
             const int row = p * 16 + (src >> 2) + (k >> 1) * 8;
             const int col = nt * 8 + (src & 3) * 2 + (k & 1);
             const __half* xr = rows + row * AST;
@@ -1212,17 +1236,18 @@ __device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAcc16 acc, flo
 }
 
 template <int D>
-__global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel(QjlEncodeArgs a) {
-    constexpr int NW = kQjlEncWarps<D>, NTHR = NW * 32;
-    constexpr int JW = kQjlEncJW, NT = JW / 8, KS = D / 16, RT = kQjlEncRows;
-    static_assert(NT == 2 && RT == 64, "the recheck's flag layout assumes 2 n-tiles and 2 pairs of m-tiles");
+__global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_encode_f16_kernel(QjlEncodeArgs a) {
+    constexpr int NW = kQjlF16Warps<D>, NTHR = NW * 32;
+    constexpr int JW = kQjlF16JW, NT = JW / 8, KS = D / 16, RT = kQjlEncRows;
+    static_assert((NT == 1 || NT == 2) && RT == 64, "the flag layout assumes 1 or 2 n-tiles and 2 pairs of m-tiles");
     using L = QjlFastSmem<D>;
     constexpr int AST = L::AST;
     constexpr int CH = D / 8;  // 16-byte chunks per input row
     extern __shared__ float4 enc_smem4[];
     std::uint8_t* sm = reinterpret_cast<std::uint8_t*>(enc_smem4);
     __half* raw = reinterpret_cast<__half*>(sm + L::raw);
-    std::uint16_t* codes16 = reinterpret_cast<std::uint16_t*>(sm + L::codes);
+    std::uint16_t* codes16 = reinterpret_cast<std::uint16_t*>(sm + L::codes);  // NT == 2
+    std::uint8_t* codes8 = sm + L::codes;                                      // NT == 1
     const unsigned* codes32 = reinterpret_cast<const unsigned*>(sm + L::codes);
     float* tau = reinterpret_cast<float*>(sm + L::tau);
     const std::uint8_t** srcs = reinterpret_cast<const std::uint8_t**>(sm + L::src);
@@ -1305,19 +1330,38 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
     auto issue_page = [&]() {
         if (m_page != nullptr) m_pg = __ldg(m_page);
     };
-    auto store_meta = [&](int slot) {
+    // KVQ_QJL_ENC_2CTA (64 registers): the row pointer and token go to shared memory at once
+    // (`store_src`; the slot's last readers finished before the barrier that precedes load_meta),
+    // only the page entry stays in a register until `store_meta`.
+#if KVQ_QJL_ENC_2CTA
+    auto store_src = [&](int slot) {
         if (tid < RT) {
             srcs[slot * RT + tid] = m_src;
+            tgts[slot * RT + tid].y = m_tok;
+        }
+    };
+#define KVQ_QJL_ENC_STORE_SRC(slot) store_src(slot)
+#else
+#define KVQ_QJL_ENC_STORE_SRC(slot)
+#endif
+    auto store_meta = [&](int slot) {
+        if (tid < RT) {
+#if KVQ_QJL_ENC_2CTA
+            tgts[slot * RT + tid].x = static_cast<int>(m_pg);
+#else
+            srcs[slot * RT + tid] = m_src;
             tgts[slot * RT + tid] = make_int2(static_cast<int>(m_pg), m_tok);
+#endif
         }
     };
     // Input rows of the tile whose targets are in `slot` into buffer `buf` (missing rows: zeros).
     auto prefetch = [&](int slot, int buf) {
         std::uint8_t* dst0 = reinterpret_cast<std::uint8_t*>(raw + std::size_t(buf) * RT * AST);
-        static_assert((RT * CH) % NTHR == 0, "whole rounds of chunks");
+        static_assert((RT * CH) % NTHR == 0 || NTHR % (RT * CH) == 0, "whole rounds of chunks");
 #pragma unroll
-        for (int n = 0; n < RT * CH / NTHR; ++n) {
+        for (int n = 0; n < (RT * CH + NTHR - 1) / NTHR; ++n) {
             const int i = tid + n * NTHR, r = i / CH, k = i % CH;
+            if (RT * CH < NTHR && i >= RT * CH) break;  // KVQ_QJL_ENC_2CTA == 2, d = 64: warps 16-31 idle
             const std::uint8_t* s = srcs[slot * RT + r];
             std::uint8_t* dst = dst0 + std::size_t(r) * AST * 2 + k * 16;
             if (s != nullptr)
@@ -1337,9 +1381,11 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
     const long long t0 = blockIdx.x, step = gridDim.x;
     load_meta(t0);
     issue_page();
+    KVQ_QJL_ENC_STORE_SRC(0);
     store_meta(0);
     load_meta(t0 + step);
     issue_page();
+    KVQ_QJL_ENC_STORE_SRC(1);
     store_meta(1);
     __syncthreads();
     prefetch(0, 0);
@@ -1353,6 +1399,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
         prefetch(nxt, buf ^ 1);  // the next tile's rows stream in during this tile
         load_meta(tile + 2 * step);
         issue_page();  // consumed after the mma: its latency is hidden there
+        KVQ_QJL_ENC_STORE_SRC((it + 2) % 3);
 
         // Norms: 8 threads per row, thread p sums the squares of chunks p, p + 8, ... in fp32 (exact
         // squares; rounding of at most D/8 + 3 additions, each <= 2^-24 of the running sum), then a
@@ -1364,6 +1411,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
 #pragma unroll
         for (int q0 = 0; q0 < RT * 8; q0 += NTHR) {
             const int q = q0 + tid, r = q >> 3, p = q & 7;
+            if (RT * 8 < NTHR && q >= RT * 8) break;  // KVQ_QJL_ENC_2CTA == 2: warps 16-31 (whole warps) idle
             const __half* row = A + r * AST;
             float s = 0.f;
 #pragma unroll
@@ -1442,46 +1490,59 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
 #pragma unroll
                         for (int k = 0; k < 4; ++k) {
                             const float x = acc[p][nt][k];
-                            if (x > 0.f) sgn |= 1u << (p * 8 + nt * 4 + k);
+                            if (x > 0.f) sgn |= 1u << (p * 4 * NT + nt * 4 + k);
                             const float t = (k >> 1) ? (p ? th.w : th.y) : (p ? th.z : th.x);
                             anynear |= fabsf(x) <= t;
                         }
                 if (__any_sync(0xffffffffu, anynear)) {
-                    QjlAcc16 av;
+                    QjlAccN<8 * NT> av;
 #pragma unroll
                     for (int p = 0; p < 2; ++p)
 #pragma unroll
                         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                            for (int k = 0; k < 4; ++k) av.v[p * 8 + nt * 4 + k] = acc[p][nt][k];
-                    sgn = qjl_recheck_f16<D>(sgn, av, th, A + mp * 32 * AST, sks + std::size_t(warp) * JW * D);
+                            for (int k = 0; k < 4; ++k) av.v[p * 4 * NT + nt * 4 + k] = acc[p][nt][k];
+                    sgn = qjl_recheck_f16<D, NT>(sgn, av, th, A + mp * 32 * AST, sks + std::size_t(warp) * JW * D);
                 }
-                // Bit nt 4 + 2 hf + e of m-tile p -> bit 16 hf + 8 nt + 2 tig + e of its word (row g
-                // in the low half, row g + 8 in the high half), then OR over the quad.
-                unsigned w[2];
+                if constexpr (NT == 2) {
+                    // Bit nt 4 + 2 hf + e of m-tile p -> bit 16 hf + 8 nt + 2 tig + e of its word (row g
+                    // in the low half, row g + 8 in the high half), then OR over the quad.
+                    unsigned w[2];
 #pragma unroll
-                for (int p = 0; p < 2; ++p) {
-                    const unsigned l = (sgn >> (8 * p)) & 0xFFu;
-                    w[p] = ((l & 0x3u) | ((l & 0xCu) << 14) | ((l & 0x30u) << 4) | ((l & 0xC0u) << 18)) << (2 * tig);
-                    w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 1);
-                    w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 2);
+                    for (int p = 0; p < 2; ++p) {
+                        const unsigned l = (sgn >> (8 * p)) & 0xFFu;
+                        w[p] = ((l & 0x3u) | ((l & 0xCu) << 14) | ((l & 0x30u) << 4) | ((l & 0xC0u) << 18))
+                               << (2 * tig);
+                        w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 1);
+                        w[p] |= __shfl_xor_sync(0xffffffffu, w[p], 2);
+                    }
+                    // Lane tig stores m-tile tig / 2, row half tig % 2.
+                    const unsigned wv = (tig >> 1) ? w[1] : w[0];
+                    codes16[(rb + (tig >> 1) * 16 + (tig & 1) * 8) * NW + warp] =
+                        static_cast<std::uint16_t>((tig & 1) ? (wv >> 16) : (wv & 0xFFFFu));
+                } else {
+                    // Bit 2 hf + e of m-tile p (row rb + 16 p + 8 hf, sketch row 2 tig + e) -> bit
+                    // 8 (2 p + hf) + 2 tig + e: byte q of the word is row rb + 8 q. OR over the quad.
+                    unsigned wv = ((sgn & 0x3u) | ((sgn & 0xCu) << 6) | ((sgn & 0x30u) << 12) | ((sgn & 0xC0u) << 18))
+                                  << (2 * tig);
+                    wv |= __shfl_xor_sync(0xffffffffu, wv, 1);
+                    wv |= __shfl_xor_sync(0xffffffffu, wv, 2);
+                    // Lane tig stores byte tig (row rb + 8 tig).
+                    codes8[(rb + 8 * tig) * NW + warp] = static_cast<std::uint8_t>(wv >> (8 * tig));
                 }
-                // Lane tig stores m-tile tig / 2, row half tig % 2.
-                const unsigned wv = (tig >> 1) ? w[1] : w[0];
-                codes16[(rb + (tig >> 1) * 16 + (tig & 1) * 8) * NW + warp] =
-                    static_cast<std::uint16_t>((tig & 1) ? (wv >> 16) : (wv & 0xFFFFu));
             }
         }
         store_meta((it + 2) % 3);
         __syncthreads();  // codes
 
-        // Codes out: 32 sketch rows (two warps' words) per store.
-        static_assert((RT * (NW / 2)) % NTHR == 0 || NTHR % (RT * (NW / 2)) == 0, "whole rounds of words");
+        // Codes out: 32 sketch rows (32 / JW warps' words) per store.
+        constexpr int WPR = NW * JW / 32;  // 32-bit words per row
+        static_assert((RT * WPR) % NTHR == 0 || NTHR % (RT * WPR) == 0, "whole rounds of words");
 #pragma unroll
-        for (int n = 0; n < (RT * (NW / 2) + NTHR - 1) / NTHR; ++n) {
+        for (int n = 0; n < (RT * WPR + NTHR - 1) / NTHR; ++n) {
             const int i = tid + n * NTHR;
-            if (RT * (NW / 2) % NTHR != 0 && i >= RT * (NW / 2)) break;
-            const int r = i / (NW / 2), wd = i % (NW / 2);
+            if (RT * WPR % NTHR != 0 && i >= RT * WPR) break;
+            const int r = i / WPR, wd = i % WPR;
             const int2 tg = tgts[cur * RT + r];
             const int j0 = jslice + wd * 32;
             if (tg.y < 0 || j0 >= a.m) continue;
@@ -1491,6 +1552,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_f16_kernel
     }
     tc::cp_async_wait<0>();
 }
+#undef KVQ_QJL_ENC_STORE_SRC
 
 inline std::size_t qjl_enc_smem_bytes(int d, bool f16in, int outliers) {
     const bool o = outliers > 0;
@@ -1630,6 +1692,36 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
     if (nx > tiles) nx = tiles;
     const dim3 grid(static_cast<unsigned>(nx), static_cast<unsigned>(ny));
     if (f16 && a.outliers == 0 && !a.legacy_kernel) {
+#if KVQ_QJL_ENC_2CTA
+        // kQjlF16Ctas<D> CTAs per SM, each with a slice of NW * JW sketch rows (128; 256 for
+        // KVQ_QJL_ENC_2CTA == 2, d <= 128). The resident count is asked of the runtime (once per d),
+        // so a build that misses the register cap still runs as one wave.
+        auto fast = [&](auto d_c) {
+            constexpr int Dc = decltype(d_c)::value;
+            constexpr int slice = detail::kQjlF16Warps<Dc> * detail::kQjlF16JW, nthr = detail::kQjlF16Warps<Dc> * 32;
+            constexpr std::size_t bytes = detail::QjlFastSmem<Dc>::bytes;
+            auto kernel = detail::qjl_encode_f16_kernel<Dc>;
+            static const int per_sm = [&] {
+                KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+                KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                    int(cudaSharedmemCarveoutMaxShared)));
+                int n = 0;
+                KVQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, nthr, bytes));
+                return n < 1 ? 1 : (n > detail::kQjlF16Ctas<Dc> ? detail::kQjlF16Ctas<Dc> : n);
+            }();
+            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+            const int fy = (a.m + slice - 1) / slice;
+            long long fx = (static_cast<long long>(sms) * per_sm + fy - 1) / fy;
+            if (fx > tiles) fx = tiles;
+            kernel<<<dim3(static_cast<unsigned>(fx), static_cast<unsigned>(fy)), nthr, bytes, stream>>>(a);
+            KVQ_CUDA_CHECK_LAUNCH("qjl_encode_f16_kernel");
+        };
+        switch (a.head_dim) {
+            case 64: fast(std::integral_constant<int, 64>{}); break;
+            case 128: fast(std::integral_constant<int, 128>{}); break;
+            default: fast(std::integral_constant<int, 256>{}); break;
+        }
+#else
         auto fast = [&](auto kernel, std::size_t bytes) {
             KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
             kernel<<<grid, a.head_dim <= 128 ? 512 : 256, bytes, stream>>>(a);
@@ -1640,6 +1732,7 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
             case 128: fast(detail::qjl_encode_f16_kernel<128>, detail::QjlFastSmem<128>::bytes); break;
             default: fast(detail::qjl_encode_f16_kernel<256>, detail::QjlFastSmem<256>::bytes); break;
         }
+#endif
         return;
     }
     const std::size_t smem = detail::qjl_enc_smem_bytes(a.head_dim, f16, a.outliers);

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One device call for A/B runs of the opt-in tuning macros against the default build:
+#   1. variant builds in the background (bench + test binary per macro);
+#   2. scripts/gpu_check.sh: the default build's GPU tests and all three benchmarks;
+#   3. each variant's tests, then its benchmark rows at 64k tokens (batch 1 and 8).
+#   bash scripts/gpu_ab.sh [--runs N]
+# Variants (macro: what it changes; where it is described):
+#   KVQ_TC_LEAN=1          QJL tensor-core decode with fewer instructions per position (GPU_NOTES.md)
+#   KVQ_QJL_ENC_2CTA=1     QJL fp16 encode at 2 CTAs of 16 warps per SM (GPU_NOTES.md)
+#   KVQ_QJL_ENC_2CTA=2     QJL fp16 encode at 1 CTA of 32 warps per SM (GPU_NOTES.md)
+#   KVQ_TC_QJL_MIN_CTAS=3  the previous QJL decode occupancy (3 CTAs, 3 stages), for comparison
+# Logs go to $OUT (packed into logs.tgz by gpu_check.sh and ab.tgz here).
+set -uo pipefail
+OUT=${OUT:-/tmp/kvq-gpu-out}
+RUNS=20
+if [[ "${1:-}" == "--runs" ]]; then RUNS=$2; fi
+mkdir -p "$OUT/ab" build-dev
+trap 'cd "$OUT" && tar czf ab.tgz --remove-files ab 2>/dev/null' EXIT
+FLAGS=(-std=c++20 -arch=sm_90 -O3 -Iinclude -Icuda -I/usr/include/eigen3 -diag-suppress 20012,20013,20014,20015)
+build() {  # name source macro [libs...]
+    local name=$1 src=$2 macro=$3
+    shift 3
+    nvcc "${FLAGS[@]}" "-D$macro" "$src" "$@" -o "build-dev/$name" >"$OUT/ab/build_$name.log" 2>&1 ||
+        echo "BUILD FAILED: $name (-D$macro)"
+}
+build dec_test_lean tests/gpu/test_decode_attention.cu KVQ_TC_LEAN=1 -lgtest -lgtest_main &
+build bench_dec_lean bench/bench_gpu_decode.cu KVQ_TC_LEAN=1 &
+build bench_dec_3cta bench/bench_gpu_decode.cu KVQ_TC_QJL_MIN_CTAS=3 &
+build enc_test_2cta tests/gpu/test_encode.cu KVQ_QJL_ENC_2CTA=1 -lgtest -lgtest_main &
+build bench_enc_2cta bench/bench_gpu_encode.cu KVQ_QJL_ENC_2CTA=1 -lcublas &
+build enc_test_32w tests/gpu/test_encode.cu KVQ_QJL_ENC_2CTA=2 -lgtest -lgtest_main &
+build bench_enc_32w bench/bench_gpu_encode.cu KVQ_QJL_ENC_2CTA=2 -lcublas &
+bash scripts/gpu_check.sh --runs "$RUNS" 2>&1 | tee "$OUT/ab/default.log" | grep -E "PASSED|FAILED|device:" | head -20
+wait
+for t in dec_test_lean enc_test_2cta enc_test_32w; do
+    [[ -x build-dev/$t ]] || continue
+    ./build-dev/$t 2>&1 | tee "$OUT/ab/$t.log" | grep -E "FAILED|PASSED|Failure" | head -10 | sed "s/^/$t: /"
+done
+row() { grep -E "^\|" | grep -E "$1" | grep -E "\| 65536 \|"; }
+echo "== default (gpu_check.sh) vs variants, 64k tokens, graph us in column 5"
+row "tensor cores\]" <"$OUT/ab/default.log" | sed "s/^/default: /"
+for b in bench_dec_lean bench_dec_3cta; do
+    [[ -x build-dev/$b ]] || continue
+    ./build-dev/$b --runs "$RUNS" --tokens 65536 >"$OUT/ab/$b.log" 2>&1
+    row "tensor cores\]" <"$OUT/ab/$b.log" | sed "s/^/$b: /"
+done
+row "QJL m=256 \(fp16 in\)" <"$OUT/ab/default.log" | sed "s/^/default: /"
+for b in bench_enc_2cta bench_enc_32w; do
+    [[ -x build-dev/$b ]] || continue
+    ./build-dev/$b --runs "$RUNS" --tokens 65536 >"$OUT/ab/$b.log" 2>&1
+    row "QJL m=256 \(fp16 in\)" <"$OUT/ab/$b.log" | sed "s/^/$b: /"
+done
