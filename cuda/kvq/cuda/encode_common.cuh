@@ -1,5 +1,5 @@
 #pragma once
-// Shared by the GPU encode kernels (encode.cuh, qjl_encode_warp.cuh): the argument structs, their
+// Shared by the GPU encode kernels (tokenwise_encode.cuh, qjl_encode.cuh): the argument structs, their
 // checks, and the row addressing of the paged target (docs/FORMAT.md; encode.cuh says how rows map
 // to blocks).
 #include <cuda_fp16.h>
@@ -44,7 +44,7 @@ struct TokenwiseEncodeArgs : EncodeTarget {
     // The same bytes from a kernel that codes by reciprocal with an exact fallback and takes 8 rows
     // per warp (tested on the H100; 9-13% faster than the division kernel for int2/int4, slower for WKV).
     bool reciprocal_codes = false;
-    // Default: the same bytes from tw_encode_vec_kernel (encode.cuh says how: a thread per 8 channels,
+    // Default: the same bytes from tw_encode_vec_kernel (tokenwise_encode.cuh says how: a thread per 8 channels,
     // 16-byte loads with 8 tokens in flight per thread, adjacent tokens' codes stored together, no
     // per-element division, ~80 instructions per d = 128 row). H100, 64k tokens x 32 heads, fp16 in:
     // int2 242 us (87% of copy bandwidth), int4 267 us, WKV int4 g128 393 us, against 1016 / 1062 /
@@ -56,7 +56,7 @@ struct TokenwiseEncodeArgs : EncodeTarget {
 struct QjlEncodeArgs : EncodeTarget {
     int m = 0, m_outlier = 0, outliers = 0, sketch_rows = 0;
     const float* sketch = nullptr;  // device [sketch_rows][head_dim] (QjlKeyCodec::sketch())
-    // fp16 input without outliers runs qjl_encode_f16_kernel (encode.cuh); true keeps the previous
+    // fp16 input without outliers runs qjl_encode_f16_kernel (qjl_encode.cuh); true keeps the previous
     // kernel (every shape) for comparison. The bytes are the same either way.
     bool legacy_kernel = false;
 };
