@@ -37,16 +37,13 @@ for t in dec_test_lean enc_test_2cta enc_test_32w; do
     ./build-dev/$t 2>&1 | tee "$OUT/ab/$t.log" | grep -E "FAILED|PASSED|Failure" | head -10 | sed "s/^/$t: /"
 done
 row() { grep -E "^\|" | grep -E "$1" | grep -E "\| 65536 \|"; }
+variant() {  # binary row-pattern: the variant's benchmark at 64k tokens, its matching rows
+    [[ -x build-dev/$1 ]] || return 0
+    ./build-dev/$1 --runs "$RUNS" --tokens 65536 >"$OUT/ab/$1.log" 2>&1
+    row "$2" <"$OUT/ab/$1.log" | sed "s/^/$1: /"
+}
 echo "== default (gpu_check.sh) vs variants, 64k tokens, graph us in column 5"
 row "tensor cores\]" <"$OUT/ab/default.log" | sed "s/^/default: /"
-for b in bench_dec_lean bench_dec_3cta; do
-    [[ -x build-dev/$b ]] || continue
-    ./build-dev/$b --runs "$RUNS" --tokens 65536 >"$OUT/ab/$b.log" 2>&1
-    row "tensor cores\]" <"$OUT/ab/$b.log" | sed "s/^/$b: /"
-done
+for b in bench_dec_lean bench_dec_3cta; do variant $b "tensor cores\]"; done
 row "QJL m=256 \(fp16 in\)" <"$OUT/ab/default.log" | sed "s/^/default: /"
-for b in bench_enc_2cta bench_enc_32w; do
-    [[ -x build-dev/$b ]] || continue
-    ./build-dev/$b --runs "$RUNS" --tokens 65536 >"$OUT/ab/$b.log" 2>&1
-    row "QJL m=256 \(fp16 in\)" <"$OUT/ab/$b.log" | sed "s/^/$b: /"
-done
+for b in bench_enc_2cta bench_enc_32w; do variant $b "QJL m=256 \(fp16 in\)"; done

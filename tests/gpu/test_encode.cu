@@ -165,6 +165,31 @@ Setup make_setup(const EncCase& c, const kvq::BlockLayout& l) {
     return s;
 }
 
+// Runs launch(stream) on a new stream, directly or captured in a CUDA graph that is replayed twice (an
+// encode rewrites the same bytes, so the second replay must leave the pool as the first did), and waits.
+template <class F>
+void launch_on_stream(bool graph, F&& launch) {
+    cudaStream_t st;
+    KVQ_CUDA_CHECK(cudaStreamCreate(&st));
+    if (graph) {
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        KVQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        launch(st);
+        KVQ_CUDA_CHECK(cudaStreamEndCapture(st, &g));
+        KVQ_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
+        KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
+        KVQ_CUDA_CHECK(cudaGraphExecDestroy(ge));
+        KVQ_CUDA_CHECK(cudaGraphDestroy(g));
+    } else {
+        launch(st);
+    }
+    KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
+    KVQ_CUDA_CHECK(cudaStreamDestroy(st));
+}
+
 template <class Args>
 void fill_target(Args& a, const EncCase& c, const Setup& s, const void* x, const int* pos0, std::uint8_t* pool,
                  const std::uint32_t* pages) {
@@ -246,25 +271,7 @@ QjlResult run_qjl(const EncCase& c, bool graph = false) {
     a.legacy_kernel = c.legacy;
     const auto ok = kvq::cuda::can_implement(a);
     EXPECT_TRUE(ok.ok) << ok.message;
-    cudaStream_t st;
-    KVQ_CUDA_CHECK(cudaStreamCreate(&st));
-    if (graph) {
-        cudaGraph_t g;
-        cudaGraphExec_t ge;
-        KVQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-        kvq::cuda::launch_qjl_encode(a, st);
-        KVQ_CUDA_CHECK(cudaStreamEndCapture(st, &g));
-        KVQ_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
-        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
-        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
-        KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
-        KVQ_CUDA_CHECK(cudaGraphExecDestroy(ge));
-        KVQ_CUDA_CHECK(cudaGraphDestroy(g));
-    } else {
-        kvq::cuda::launch_qjl_encode(a, st);
-    }
-    KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
-    KVQ_CUDA_CHECK(cudaStreamDestroy(st));
+    launch_on_stream(graph, [&](cudaStream_t st) { kvq::cuda::launch_qjl_encode(a, st); });
     std::vector<std::uint8_t> got(s.pool.size());
     KVQ_CUDA_CHECK(cudaMemcpy(got.data(), dpool.p, got.size(), cudaMemcpyDeviceToHost));
 
@@ -469,24 +476,7 @@ void run_tokenwise(const EncCase& c) {
         a.shift = dshift.p;
         a.scale = dscale.p;
     }
-    if (c.graph) {
-        cudaStream_t st;
-        KVQ_CUDA_CHECK(cudaStreamCreate(&st));
-        cudaGraph_t g;
-        cudaGraphExec_t ge;
-        KVQ_CUDA_CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-        kvq::cuda::launch_tokenwise_encode(a, st);
-        KVQ_CUDA_CHECK(cudaStreamEndCapture(st, &g));
-        KVQ_CUDA_CHECK(cudaGraphInstantiate(&ge, g, 0));
-        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
-        KVQ_CUDA_CHECK(cudaGraphLaunch(ge, st));
-        KVQ_CUDA_CHECK(cudaStreamSynchronize(st));
-        KVQ_CUDA_CHECK(cudaGraphExecDestroy(ge));
-        KVQ_CUDA_CHECK(cudaGraphDestroy(g));
-        KVQ_CUDA_CHECK(cudaStreamDestroy(st));
-    } else {
-        kvq::cuda::launch_tokenwise_encode(a, nullptr);
-    }
+    launch_on_stream(c.graph, [&](cudaStream_t st) { kvq::cuda::launch_tokenwise_encode(a, st); });
     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
     std::vector<std::uint8_t> got(s.pool.size());
     KVQ_CUDA_CHECK(cudaMemcpy(got.data(), dpool.p, got.size(), cudaMemcpyDeviceToHost));
