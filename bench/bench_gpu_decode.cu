@@ -2,7 +2,8 @@
 // (kvq::cuda::launch_decode_attention) against its memory floor and against a straightforward fp16
 // split-K decode attention kernel written here (not cuBLAS): fp16 K and V [batch][H][T][d], one
 // warp per 8-token step with fp32 online softmax, the same combine kernel as the fused path.
-//   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B]   (filters for profiling; default all)
+//   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B] [--cfg C]   (filters for profiling; default
+//   all; C: 0 = QJL + int2, 1 = int4 K + V, 2 = WKV int4)
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -236,7 +237,7 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    int runs = 30, only_tokens = 0, only_batch = 0;
+    int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -244,8 +245,10 @@ int main(int argc, char** argv) {
             only_tokens = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--batch") && i + 1 < argc)
             only_batch = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--cfg") && i + 1 < argc)
+            only_cfg = std::atoi(argv[++i]);
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2]\n", argv[0]);
             return 2;
         }
     }
@@ -309,6 +312,7 @@ int main(int argc, char** argv) {
     };
 
     for (int cfg = 0; cfg < 3; ++cfg) {
+        if (only_cfg >= 0 && cfg != only_cfg) continue;
         const kvq::Codec& kc = cfg == 0 ? static_cast<const kvq::Codec&>(qjl) : (cfg == 1 ? int4 : wkv4);
         const kvq::TokenwiseCodec& vc = cfg == 0 ? int2v : (cfg == 1 ? int4 : wkv4);
         const std::string name =
