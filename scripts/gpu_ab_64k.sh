@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The short form of scripts/gpu_ab.sh for a device call with little time: only the 64k-token rows of
+# the benchmarks, default and variants side by side, then every GPU test binary (default build first,
+# then each opt-in macro's), so that a call cut short still brings the figures. Expects the binaries of `bash scripts/gpu_ab.sh --build-only` in build-dev/
+# (built here if missing). Logs: $OUT/quick.tgz.
+#   bash scripts/gpu_ab_64k.sh [--runs N]
+set -uo pipefail
+OUT=${OUT:-/tmp/kvq-gpu-out}
+RUNS=20
+if [[ "${1:-}" == "--runs" ]]; then RUNS=$2; fi
+mkdir -p "$OUT/quick" build-dev
+trap 'cd "$OUT" && tar czf quick.tgz --remove-files quick 2>/dev/null' EXIT
+[[ -x build-dev/bench_enc_32w ]] || KVQ_PREBUILT=1 bash scripts/gpu_ab.sh --build-only
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+rows() {  # name binary pattern args...: the binary's 64k rows matching pattern
+    local name=$1 bin=$2 pat=$3
+    shift 3
+    ./build-dev/$bin --runs "$RUNS" --tokens 65536 "$@" >"$OUT/quick/$name.log" 2>&1
+    grep -E "copy|device:" "$OUT/quick/$name.log" | head -2 | sed "s/^/$name: /"
+    grep -E "^\|" "$OUT/quick/$name.log" | grep -E "$pat" | grep -E "\| 65536 \|" | sed "s/^/$name: /"
+}
+rows score bench_score "tc|exact \|" --no-cublas
+rows dec bench_dec "tensor cores\]|fp16|score only"
+rows dec_lean bench_dec_lean "tensor cores\]"
+rows dec_int3 bench_dec_int3 "tensor cores\]"
+rows enc bench_enc "QJL m=256|int2|int4|WKV"
+rows enc_2cta bench_enc_2cta "QJL m=256 \(fp16 in\)"
+rows enc_32w bench_enc_32w "QJL m=256 \(fp16 in\)"
+for t in score_test dec_test enc_test dec_test_lean dec_test_int3 enc_test_2cta enc_test_32w; do
+    ./build-dev/$t >"$OUT/quick/$t.log" 2>&1
+    echo "$t: rc $? $(grep -cE '^\[       OK' "$OUT/quick/$t.log") ok, $(grep -E '^\[  PASSED|^\[  FAILED' "$OUT/quick/$t.log" | head -3 | tr '\n' ' ')"
+done
