@@ -34,12 +34,6 @@
 // give bit-identical scores; the pipelined pair measured slower on an H100 (bench/RESULTS.md, round 3:
 // 51.2 vs 42.4 us at 64k tokens x 32 heads, 12.2 vs 9.9 us at 4k), so it stays opt-in until profiled.
 //
-// QjlScoreArgs::tc_fused_quantize (G = 1, 2, 4, or 8 with m <= 512) drops the quantisation launch:
-// qjl_project8_kernel (one warp per 8 sketch rows, bit-identical S q), then qjl_score_tc_kernel
-// quantises the projections of its KV head's query heads into shared memory after issuing its first
-// code loads (tc_pdl: as a programmatic dependent launch, so those loads overlap the projection).
-// Same workspace contents, bit-identical scores.
-//
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
 // capture launch_qjl_score.
 #include <cuda_runtime.h>
@@ -102,16 +96,6 @@ struct QjlScoreArgs {
     // resident limit). A small cap gives each warp a long run of tiles (ring wrap-around, page-id
     // batches, KV-head changes); the tests use it, and it is a tuning knob for benchmarks.
     int tc_max_ctas = 0;
-    // Tensor path, tc_pipelined == false, G = 1, 2, 4 (or 8 with m <= 512), n_tokens > 0; otherwise
-    // ignored. false (default): project, quantise and score in three launches. true: two launches:
-    // qjl_project8_kernel (fewer, denser CTAs, bit-identical S q) and qjl_score_tc_kernel, which
-    // quantises its KV head's query projections itself (shared memory) after issuing its first code
-    // loads. The workspace holds the same records and u * s as with false (the first CTA of each KV
-    // head writes them), and the scores are bit-identical.
-    bool tc_fused_quantize = false;
-    // With tc_fused_quantize, on sm_90+: launch the score kernel as a programmatic dependent of the
-    // projection, so that its CTAs start their code loads while the projection runs.
-    bool tc_pdl = false;
 };
 
 // Whether launch_qjl_score takes the tensor-core path for these arguments (on an sm_80+ device).
@@ -242,52 +226,14 @@ __device__ __forceinline__ void qjl_pdl_wait() {
 #endif
 }
 
-// <S_r, q> for the 8 sketch rows r of s0 ([8][d] row-major), q in qv (lane c holds channels c, c + 32,
-// ..., zero past d), one warp: lane c keeps the partial sums of the 8 rows over its channels (the same
-// fmaf chain as qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2,
-// 1 adds the same pairs in the same order as qjl_project_kernel's butterfly, so the sums are
-// bit-identical to it while a row costs one shuffle instead of five. Lane L returns row L / 4's sum
-// (every lane of the quad holds it). d <= 256.
-__device__ __forceinline__ float qjl_project_8rows(const float* s0, int d, const float (&qv)[8], int lane) {
-    float v[8];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) v[r] = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int c = lane + 32 * k;
-        if (c < d) {
-#pragma unroll
-            for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
-        }
-    }
-    // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
-    // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const bool up = lane & 16;
-        const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const bool up = lane & 8;
-        const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-    }
-    {
-        const bool up = lane & 4;
-        const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
-        v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-    }
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
-    return v[0];
-}
-
 // Query preparation in one launch: qjl_project_kernel (without S^T) followed by
 // qjl_quantize_query_kernel, with bit-identical outputs. grid = n_heads, kQjlPrepWarps warps.
-// Each warp projects 8 sketch rows at a time (qjl_project_8rows); the rows stay in shared memory
-// for the quantisation. Requires m <= 1024 (a multiple of 32), head_dim <= 256, proj rows of m floats.
+// Each warp projects 8 sketch rows at a time with coalesced 128-byte row reads: lane c keeps the
+// partial sums of the 8 rows over channels c, c + 32, ... (the same fmaf chain as
+// qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2, 1 adds
+// the same pairs in the same order as qjl_project_kernel's butterfly, so S q is bit-identical while
+// a row costs one shuffle instead of five. The rows stay in shared memory for the quantisation.
+// Requires m <= 1024 (a multiple of 32), head_dim <= 256, and proj rows of m floats.
 inline constexpr int kQjlPrepWarps = 16;
 static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
     qjl_query_prep_kernel(QjlScoreArgs a, float* proj, float* qf, std::uint32_t* rec, float* projq) {
@@ -306,11 +252,43 @@ static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
         if (qf != nullptr && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
     }
     for (int tile = warp; tile < m / 8; tile += kQjlPrepWarps) {
-        const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
+        const float* s0 = a.sketch + std::size_t(8 * tile) * d;
+        float v[8];
+#pragma unroll
+        for (int r = 0; r < 8; ++r) v[r] = 0.f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const int c = lane + 32 * k;
+            if (c < d) {
+#pragma unroll
+                for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
+            }
+        }
+        // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
+        // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const bool up = lane & 16;
+            const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const bool up = lane & 8;
+            const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+        }
+        {
+            const bool up = lane & 4;
+            const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
+            v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+        }
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
+        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
         if ((lane & 3) == 0) {
             const int j = 8 * tile + lane / 4;
-            s_p[j] = v;
-            if (proj != nullptr) proj[std::size_t(h) * m + j] = v;
+            s_p[j] = v[0];
+            if (proj != nullptr) proj[std::size_t(h) * m + j] = v[0];
         }
     }
     __syncthreads();
@@ -355,104 +333,6 @@ static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
         r[8 * L.words + 2] = 0u;
         r[8 * L.words + 3] = 0u;
     }
-}
-
-// The projection of the fused-quantisation schedule (QjlScoreArgs::tc_fused_quantize): grid =
-// (n_q_heads, ceil(m / 64)), 8 warps, one 8-row tile (qjl_project_8rows, bit-identical to
-// qjl_project_kernel) per warp: few CTAs with 64 independent loads per lane, so that the score
-// kernel's CTAs fit beside them when launched as programmatic dependents. proj [n_q_heads][m],
-// qf [n_q_heads][head_dim]. Requires m a multiple of 8 and head_dim <= 256.
-inline constexpr int kQjlProj8Warps = 8;
-static __global__ void __launch_bounds__(kQjlProj8Warps * 32)
-    qjl_project8_kernel(QjlScoreArgs a, float* proj, float* qf) {
-    qjl_pdl_launch_dependents();
-    const int h = blockIdx.x, d = a.head_dim, m = a.m;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tile = blockIdx.y * kQjlProj8Warps + warp;
-    const std::int64_t qs = a.query_stride ? a.query_stride : d;
-    if (tile >= m / 8) return;
-    float qv[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int c = lane + 32 * k;
-        qv[k] = c < d ? qjl_load_query(a.query, a.query_type, h * qs + c) : 0.f;
-        if (blockIdx.y == 0 && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
-    }
-    const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
-    if ((lane & 3) == 0) proj[std::size_t(h) * m + 8 * tile + lane / 4] = v;
-}
-
-// The int8 bit-sliced records of query heads [h0, h0 + G) from their projections (proj rows of m
-// floats, written by the previous launch: read through L2), built by one CTA of NW warps into
-// shared memory srec [G][record_words], with qjl_quantize_query_kernel's arithmetic (max and integer
-// sums do not depend on the order), so the records are bit-identical to the workspace ones. When
-// rec_out is set the records, and u * s into projq_out, are written to the workspace as well.
-// Thread (warp, lane) owns entries j = 32 w + lane of the words w = warp, warp + NW, ... (m <= 1024).
-template <int NW>
-__device__ void qjl_quantize_heads_cta(const float* proj, int m, int h0, int G, std::uint32_t* srec,
-                                       std::uint32_t* rec_out, float* projq_out) {
-    __shared__ float s_max[NW];
-    __shared__ int s_sum[NW];
-    constexpr int kPer = (1024 / 32 + NW - 1) / NW;
-    const QjlQueryLayout L = QjlQueryLayout::of(m);
-    const int rw = static_cast<int>(L.record_words());
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int hh = 0; hh < G; ++hh) {
-        const float* p = proj + std::size_t(h0 + hh) * m;
-        float pv[kPer];
-        float mx = 0.f;
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-            const int j = 32 * (warp + NW * i) + lane;
-            pv[i] = j < m ? __ldcg(p + j) : 0.f;
-            mx = fmaxf(mx, fabsf(pv[i]));
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        if (lane == 0) s_max[warp] = mx;
-        __syncthreads();
-        float amax = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) amax = fmaxf(amax, s_max[w]);
-        const float s = amax > 0.f ? __fdiv_rn(amax, 127.0f) : 0.f;
-        std::uint32_t* r = srec + std::size_t(hh) * rw;
-        std::uint32_t* ro = rec_out != nullptr ? rec_out + std::size_t(h0 + hh) * rw : nullptr;
-        int sum = 0;
-#pragma unroll
-        for (int i = 0; i < kPer; ++i) {
-            const int w = warp + NW * i, j = 32 * w + lane;
-            if (w >= L.words) break;  // warp-uniform; words past m / 32 get u = 0: zero planes
-            int u = 0;
-            if (s > 0.f && j < m) u = min(127, max(-127, __float2int_rn(__fdiv_rn(pv[i], s))));
-            sum += u;
-            const unsigned byte = static_cast<unsigned>(u) & 0xFFu;
-            std::uint32_t mine = 0;
-#pragma unroll
-            for (int n = 0; n < 8; ++n) {
-                const std::uint32_t word = __ballot_sync(0xffffffffu, (byte >> n) & 1u);
-                if (lane == n) mine = word;
-            }
-            if (lane < 8) {
-                r[lane * L.words + w] = mine;
-                if (ro != nullptr) ro[lane * L.words + w] = mine;
-            }
-            if (projq_out != nullptr && j < m) projq_out[std::size_t(h0 + hh) * m + j] = static_cast<float>(u) * s;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-        if (lane == 0) s_sum[warp] = sum;
-        __syncthreads();
-        if (threadIdx.x < 4) {
-            int total = 0;
-#pragma unroll
-            for (int w = 0; w < NW; ++w) total += s_sum[w];
-            const std::uint32_t v = threadIdx.x == 0   ? __float_as_uint(s)
-                                    : threadIdx.x == 1 ? static_cast<std::uint32_t>(total)
-                                                       : 0u;  // s, usum, 2 x zero
-            r[8 * L.words + threadIdx.x] = v;
-            if (ro != nullptr) ro[8 * L.words + threadIdx.x] = v;
-        }
-    }
-    __syncthreads();
 }
 
 // Signed sum of the 8 nibble lookups of one code word (a tree, so the dependent chain is short).
@@ -660,11 +540,9 @@ __host__ __device__ constexpr int qjl_tc_unroll() {
     return KS == 1 ? 4 : (KS == 2 ? 2 : 1);
 }
 
-template <int KS, int GT, bool FQ = false>
+template <int KS, int GT>
 __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
-    qjl_score_tc_kernel(QjlScoreArgs a, const std::uint32_t* rec, float c_in, int chunk, const float* proj,
-                        std::uint32_t* rec_out, float* projq_out) {
-    static_assert(!FQ || GT > 0, "the fused quantisation keeps the records of GT heads in shared memory");
+    qjl_score_tc_kernel(QjlScoreArgs a, const std::uint32_t* rec, float c_in, int chunk) {
     constexpr int U = qjl_tc_unroll<KS>();
     constexpr int GR = GT > 0 ? GT : 1;
     const int kv = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
@@ -675,18 +553,35 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
     const std::size_t cb = a.layout.code_bytes, norm_off = a.layout.token_side_offset();
     const QjlQueryLayout QL = QjlQueryLayout::of(a.m);
     const std::size_t rw = QL.record_words();
+    const std::uint32_t* rec0 = rec + std::size_t(kv) * G * rw;
     const std::int64_t ss = a.score_stride ? a.score_stride : T;
     float* out0 = a.scores + std::size_t(kv) * G * ss;
     const std::uint32_t* pg = a.pages + std::int64_t(kv) * a.page_stride;
     const int c_begin = blockIdx.x * chunk, c_end = min(T, c_begin + chunk);
     const int wt0 = 1 << (2 * t), wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const int row = g + 8 * (t & 1);  // the row whose score this lane writes (t < 2)
-    constexpr int kStride = kQjlTcWarps * 16 * U;
 
-    std::uint32_t av[U][KS][4];
-    float nrm[U];
-    // All loads of the U 16-token steps from p0.
-    auto load = [&](int p0) {
+    std::uint32_t bq[GR][KS][2];
+    float cs[GR];
+    int usum[GR];
+#pragma unroll
+    for (int hh = 0; hh < GR; ++hh) {
+        if constexpr (GT > 0) {
+            const std::uint32_t* r = rec0 + hh * rw;
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const uint2 b = __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                bq[hh][ks][0] = b.x;
+                bq[hh][ks][1] = b.y;
+            }
+            cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
+            usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
+        }
+    }
+
+    for (int p0 = c_begin + warp * 16 * U; p0 < c_end; p0 += kQjlTcWarps * 16 * U) {
+        std::uint32_t av[U][KS][4];
+        float nrm[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int p = p0 + 16 * u;
@@ -728,44 +623,6 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
                     ::kvq::half_t{__ldg(reinterpret_cast<const unsigned short*>(blk + norm_off) + tb + row)});
             }
         }
-    };
-
-    // The query records of the KV head's G heads: from the workspace, or (FQ) quantised here from the
-    // projections into shared memory, after the first loads are on their way (with a programmatic
-    // dependent launch they even overlap the projection kernel).
-    const std::uint32_t* rec0 = rec + std::size_t(kv) * G * rw;
-    int p0 = c_begin + warp * 16 * U;
-    if constexpr (FQ) {
-        extern __shared__ std::uint32_t qjl_srec[];  // [GT][rw]
-        if (p0 < c_end) load(p0);
-        qjl_pdl_wait();
-        const bool first = blockIdx.x == 0;  // one CTA per KV head also fills the workspace
-        qjl_quantize_heads_cta<kQjlTcWarps>(proj, a.m, kv * G, G, qjl_srec, first ? rec_out : nullptr,
-                                            first ? projq_out : nullptr);
-        rec0 = qjl_srec;
-    }
-    std::uint32_t bq[GR][KS][2];
-    float cs[GR];
-    int usum[GR];
-#pragma unroll
-    for (int hh = 0; hh < GR; ++hh) {
-        if constexpr (GT > 0) {
-            const std::uint32_t* r = rec0 + hh * rw;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                const uint2 b =
-                    FQ ? *reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t)
-                       : __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
-                bq[hh][ks][0] = b.x;
-                bq[hh][ks][1] = b.y;
-            }
-            cs[hh] = c_in * __uint_as_float(FQ ? r[8 * QL.words] : __ldg(r + 8 * QL.words));
-            usum[hh] = static_cast<int>(FQ ? r[8 * QL.words + 1] : __ldg(r + 8 * QL.words + 1));
-        }
-    }
-
-    for (; p0 < c_end; p0 += kStride) {
-        if (!FQ) load(p0);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int p = p0 + 16 * u;
@@ -795,7 +652,6 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
                 }
             }
         }
-        if (FQ && p0 + kStride < c_end) load(p0 + kStride);
     }
 }
 
@@ -1015,25 +871,12 @@ inline int qjl_pick_gt(int G, int m) {
     return 1;
 }
 
-// Whether the fused quantisation (QjlScoreArgs::tc_fused_quantize) applies: qjl_score_tc_kernel keeps
-// the records in registers (GT > 0: G = 1, 2, 4, or 8 with m <= 512) and there are tokens to score;
-// otherwise the separate quantisation launch runs.
-inline bool qjl_tc_fuses_quantize(const QjlScoreArgs& a) {
-    const int G = a.n_q_heads / a.n_kv_heads;
-    return a.tc_fused_quantize && a.n_tokens > 0 && (G == 1 || G == 2 || G == 4 || (G == 8 && a.m <= 512));
-}
-
 // Launches qjl_score_tc_kernel<KS, GT>: KS = ceil(m / 256) K steps; GT = G when G is 1, 2, 4 or 8
 // and its fragments fit in 16 registers x 2 (G * KS <= 16), else 0 (any G, fragments from L1).
 // Chunks of whole warp tiles, about 8 CTAs per SM in all (T = 4k x 32 heads: 512 CTAs; 64k: 1024).
-// Fused quantisation (qjl_tc_fuses_quantize): the kernel reads proj and writes the records to
-// shared memory ([GT][record_words]) and, from its first CTA per KV head, to rec and projq; with
-// pdl it is a programmatic dependent of the projection launch.
 template <int KS>
-inline void qjl_launch_tc_ks(const QjlScoreArgs& a, std::uint32_t* rec, const float* proj, float* projq, bool pdl,
-                             int sms, cudaStream_t stream) {
+inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
     const int G = a.n_q_heads / a.n_kv_heads;
-    const bool fq = qjl_tc_fuses_quantize(a);
     const int tile = 16 * qjl_tc_unroll<KS>();
     const long long tiles = static_cast<long long>((a.n_tokens + tile - 1) / tile) * a.n_kv_heads;
     const long long target = 8LL * (sms > 0 ? sms : 1);
@@ -1044,33 +887,10 @@ inline void qjl_launch_tc_ks(const QjlScoreArgs& a, std::uint32_t* rec, const fl
     const int chunk = chunk_ll > (1LL << 30) ? (1 << 30) : static_cast<int>(chunk_ll);
     const dim3 grid(static_cast<unsigned>((a.n_tokens + chunk - 1) / chunk), static_cast<unsigned>(a.n_kv_heads));
     const float c_in = static_cast<float>(std::sqrt(kQjlHalfPi) / a.m);  // as QjlKeyCodec::score
-    const std::size_t smem = fq ? std::size_t(G) * QjlQueryLayout::of(a.m).record_bytes() : 0;
     auto go = [&](auto kernel, const char* name) {
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = grid;
-        cfg.blockDim = dim3(kQjlTcWarps * 32);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = fq && pdl ? 1 : 0;
-        const std::uint32_t* rec_in = rec;
-        KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, rec_in, c_in, chunk, proj, rec, projq));
+        kernel<<<grid, kQjlTcWarps * 32, 0, stream>>>(a, rec, c_in, chunk);
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
-    if (fq) {
-        if (G == 1)
-            go(qjl_score_tc_kernel<KS, 1, true>, "qjl_score_tc_kernel<G=1, fused quantisation>");
-        else if (G == 2)
-            go(qjl_score_tc_kernel<KS, 2, true>, "qjl_score_tc_kernel<G=2, fused quantisation>");
-        else if (G == 4)
-            go(qjl_score_tc_kernel<KS, 4, true>, "qjl_score_tc_kernel<G=4, fused quantisation>");
-        else
-            go(qjl_score_tc_kernel<KS, (KS <= 2 ? 8 : 1), true>, "qjl_score_tc_kernel<G=8, fused quantisation>");
-        return;
-    }
     if (G == 1)
         go(qjl_score_tc_kernel<KS, 1>, "qjl_score_tc_kernel<G=1>");
     else if (G == 2)
@@ -1148,13 +968,12 @@ inline void qjl_launch_pipe(const QjlScoreArgs& a, const std::uint32_t* rec, int
     }
 }
 
-inline void qjl_launch_tc(const QjlScoreArgs& a, std::uint32_t* rec, const float* proj, float* projq, bool pdl, int sms,
-                          cudaStream_t stream) {
+inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
     switch ((a.m + 255) / 256) {
-        case 1: qjl_launch_tc_ks<1>(a, rec, proj, projq, pdl, sms, stream); break;
-        case 2: qjl_launch_tc_ks<2>(a, rec, proj, projq, pdl, sms, stream); break;
-        case 3: qjl_launch_tc_ks<3>(a, rec, proj, projq, pdl, sms, stream); break;
-        default: qjl_launch_tc_ks<4>(a, rec, proj, projq, pdl, sms, stream); break;
+        case 1: qjl_launch_tc_ks<1>(a, rec, sms, stream); break;
+        case 2: qjl_launch_tc_ks<2>(a, rec, sms, stream); break;
+        case 3: qjl_launch_tc_ks<3>(a, rec, sms, stream); break;
+        default: qjl_launch_tc_ks<4>(a, rec, sms, stream); break;
     }
 }
 
@@ -1251,15 +1070,6 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         detail::qjl_launch_pipe(a, rec, sms, stream);
         return;
     }
-    if (tensor && detail::qjl_tc_fuses_quantize(a)) {
-        auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
-        const dim3 pgrid(a.n_q_heads, (a.m / 8 + detail::kQjlProj8Warps - 1) / detail::kQjlProj8Warps);
-        detail::qjl_project8_kernel<<<pgrid, detail::kQjlProj8Warps * 32, 0, stream>>>(a, proj, qf);
-        KVQ_CUDA_CHECK_LAUNCH("qjl_project8_kernel");
-        detail::qjl_launch_tc(a, rec, proj, reinterpret_cast<float*>(base + w.projq), a.tc_pdl && cc_major >= 9, sms,
-                              stream);
-        return;
-    }
     const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
     detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
     KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
@@ -1270,7 +1080,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         detail::qjl_quantize_query_kernel<<<a.n_q_heads, 32 * ((a.m + 31) / 32), 0, stream>>>(proj, a.m, rec, projq);
         KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
         if (a.n_tokens == 0) return;
-        detail::qjl_launch_tc(a, rec, proj, projq, false, sms, stream);
+        detail::qjl_launch_tc(a, rec, sms, stream);
         return;
     }
     if (a.n_tokens == 0) return;
