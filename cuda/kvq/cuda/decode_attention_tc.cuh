@@ -139,7 +139,7 @@ __host__ __device__ inline bool tc_int3_keys_global(int kcb, int d, int vbits, i
 inline TcStage tc_stage(const DecodeAttentionArgs& a) {
     const int d = a.head_dim;
     const bool qjl = a.key_format == KeyFormat::Qjl;
-    const int kcb = qjl ? a.qjl_m / 8 : d * a.key_bits / 8, kng = d / a.key_group, vng = d / a.value_group;
+    const int kcb = qjl ? a.qjl_m / 8 : d * a.key_bits / 8, kng = qjl ? 0 : d / a.key_group, vng = d / a.value_group;
     const bool kglob = !qjl && tc_int3_layout(a) && tc_int3_keys_global(kcb, d, a.value_bits, kng, vng);
     return TcStage::of(kcb, qjl ? 2 : (kglob ? 0 : 4 * kng), d, a.value_bits, vng);
 }
