@@ -59,27 +59,23 @@
 #include "kvq/cuda/mma.cuh"
 #include "kvq/cuda/qjl_query.cuh"
 
-// KVQ_TC_LEAN (default 0): a leaner tile body for the QJL kernel with G = 1 (decode_tc_kernel<D, VBITS,
-// 1, 0>), the same arithmetic (bit-identical outputs are the intent; see bench/GPU_NOTES.md round 3):
+// The QJL kernel with G = 1 (decode_tc_kernel<D, VBITS, 1, 0>, kLean) has its own tile body, the same
+// arithmetic as the general one (bit-identical outputs; measured 1.20x / 1.34x faster at 64k tokens,
+// batch 1 / 8, bench/GPU_NOTES.md round 4; it was the opt-in KVQ_TC_LEAN before):
 //  * the K steps (m / 256, last one partial) and, for m = 256 k, the key row stride are compile time
 //    (a switch per tile), so a 16-position step issues ceil(m / 256) BMMA without predicates;
 //  * the plane weights and the quad reduction of the popcounts run on one mma.m16n8k16 per two steps
 //    (popcounts as exact fp16 c 2^-24, B = the weights 2 w_n in the column pair of the step), which
 //    leaves lane (g, t) the exact 2T 2^-24 of positions 16t + g, 16t + g + 8:
 //    no shuffles, and each lane scores 2 distinct positions instead of the quad's 8 shared ones;
-//  * the softmax computes 2 exponentials per lane instead of 8 (the running sum keeps the default
+//  * the softmax computes 2 exponentials per lane instead of 8 (the running sum keeps the general
 //    order: the quad's values are gathered by 8 width-4 shuffles);
 //  * the weights take their probabilities straight from the owning lanes, the value steps/minima are
 //    read at compile-time offsets (value groups per head 1, 2 or 4: a switch per tile), and full tiles
-//    have no per-step validity branches (partial tiles keep the default guards);
+//    have no per-step validity branches (partial tiles keep the general guards);
 //  * the value mma of a step runs without a branch (steps past the tile's end have weights 0).
-// Token-wise keys (KBITS > 0) and G > 1 keep the default code.
-#ifndef KVQ_TC_LEAN
-#define KVQ_TC_LEAN 0
-#endif
-#if KVQ_TC_LEAN
+// Token-wise keys (KBITS > 0) and G > 1 take the general body.
 #include <type_traits>
-#endif
 // KVQ_TC_INT_3CTA (default 0): 3 CTAs per SM instead of 2 for int4 keys and values at d = 128, G = 1
 // (decode_tc_kernel<128, 4, 1, 4>, plain or WKV), whose registers already allow 3 (tc_min_ctas). Why:
 // with key and value groups of 32 a CTA needs 84,160 bytes of shared memory (2 stages x 4 warps x
@@ -344,7 +340,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
 
-#if KVQ_TC_LEAN
     constexpr bool kLean = kQjl && G == 1;
     // B of the reduction mma (k = 8 planes of step 2q, then 8 of step 2q + 1; column n = 2 sp + e holds
     // step sp): this lane's column g carries the weights 2 w of planes 2t, 2t + 1 in the half of its step.
@@ -361,7 +356,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     if constexpr (kQjl) lusum = static_cast<float>(usum[0]);
     const int lk_off = st.kc + g * kcb + 8 * t;    // key row g of step 0, this lane's 8 bytes
     const int lkn_off = st.kn + 2 * (16 * t + g);  // norm of position 16t + g
-#endif
 
     // Token-wise keys: combinations (head, group of the k-step) = column & 3; a k-step holds kps groups
     // (one per lane quarter, or the 1-2 groups that span them), and with kng > 4 the quarter's
@@ -617,7 +611,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 
         // 1. Scores of the tile's positions (rows g, g + 8 of each step), all heads.
         float sc[4][2][G];
-#if KVQ_TC_LEAN
         float corr[G];
         float lp0 = 0.f, lp1 = 0.f;  // lean: probabilities of positions 16t + g, 16t + g + 8
         if constexpr (kLean) {
@@ -695,9 +688,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             l_run[0] = l_run[0] * corr[0] + sum;
             m_run[0] = m_new;
         } else if constexpr (kQjl) {
-#else
-        if constexpr (kQjl) {
-#endif
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) {
                 if (sp < ns) {
@@ -820,14 +810,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             }
         }
         // 2. Online softmax per head (quads hold identical copies; reduce over g: xor 4, 8, 16).
-#if KVQ_TC_LEAN
 #pragma unroll
         for (int hh = 0; hh < (kLean ? 0 : G); ++hh) {  // lean: done in 2'
-#else
-        float corr[G];
-#pragma unroll
-        for (int hh = 0; hh < G; ++hh) {
-#endif
             float mx = -INFINITY;
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) mx = fmaxf(mx, fmaxf(sc[sp][0][hh], sc[sp][1][hh]));
@@ -855,11 +839,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         const unsigned short* vmn = vst + kTcTile * vng;
         float w[4][4];
         float wmax = 0.f, msum = 0.f;
-#if KVQ_TC_LEAN
         if constexpr (kLean) {
             // 3'. Probabilities from the owning lanes (position t + 4 kq of step sp: lane 4 (t + 4 (kq & 1)) + sp,
             // lp0 / lp1 for kq < 2 / >= 2), steps and minima at compile-time offsets. Same products and
-            // order as the default; the guards only in partial tiles. In full tiles columns without a
+            // order as the general body; the guards only in partial tiles. In full tiles columns without a
             // (head, group) read group 0 (finite; their accumulators are never used).
             auto wts = [&](auto vngc, auto fullc) {
                 constexpr int VNG = decltype(vngc)::value;
@@ -904,10 +887,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
 #pragma unroll
         for (int sp = 0; sp < (kLean ? 0 : 4); ++sp) {  // lean: done in 3'
-#else
-#pragma unroll
-        for (int sp = 0; sp < 4; ++sp) {
-#endif
             float pq[4];
 #pragma unroll
             for (int hh = 0; hh < G; ++hh) {
@@ -939,7 +918,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 1));
         wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, 2));
         if (wmax > 0.f) e_b = min(e_b, 141 - static_cast<int>(__float_as_uint(wmax) >> 23));
-#if KVQ_TC_LEAN
         if constexpr (kLean) {
             // The same factors; the 4 MT multiplies only when some lane's factor is not 1 (x 1 is exact).
             float f[2];
@@ -959,14 +937,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                     }
             }
         }
-#endif
         int e_new[2];
 #pragma unroll
-#if KVQ_TC_LEAN
         for (int e = 0; e < (kLean ? 0 : 2); ++e) {  // lean: done above
-#else
-        for (int e = 0; e < 2; ++e) {
-#endif
             e_new[e] = __shfl_sync(0xffffffffu, e_b, 4 * (2 * t + e));
             const float f = corr[head_d[e]] * tc_pow2(e_new[e] - e_d[e]);
             e_d[e] = e_new[e];
@@ -982,11 +955,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         // that the code loads of a step can overlap the mma chain of the previous one.
 #pragma unroll
         for (int sp = 0; sp < 4; ++sp) {
-#if KVQ_TC_LEAN
             if ((!kQjl && D <= 128) || kLean || sp < ns) {
-#else
-            if ((!kQjl && D <= 128) || sp < ns) {
-#endif
                 std::uint32_t bf[2];
 #pragma unroll
                 for (int hp = 0; hp < 2; ++hp) {
