@@ -6,10 +6,9 @@
 #   bash scripts/gpu_ab.sh [--runs N]
 #   bash scripts/gpu_ab.sh --build-only   (build every binary here, e.g. to carry them: KVQ_PREBUILT=1)
 # Variants (macro: what it changes; where it is described):
-#   KVQ_TC_LEAN=1          QJL tensor-core decode with fewer instructions per position (GPU_NOTES.md)
 #   KVQ_TC_INT_3CTA=1      int4 K + V decode (d 128, G 1) at 3 CTAs per SM instead of 2 (decode_attention_tc.cuh)
-#   KVQ_QJL_ENC_2CTA=1     QJL fp16 encode at 2 CTAs of 16 warps per SM (GPU_NOTES.md)
-#   KVQ_QJL_ENC_2CTA=2     QJL fp16 encode at 1 CTA of 32 warps per SM (GPU_NOTES.md)
+# (Earlier variants, decided and removed: KVQ_TC_LEAN became the default QJL decode tile body,
+# KVQ_QJL_ENC_2CTA measured slower; bench/GPU_NOTES.md round 4.)
 # Logs go to $OUT (packed into logs.tgz by gpu_check.sh and ab.tgz here).
 set -uo pipefail
 OUT=${OUT:-/tmp/kvq-gpu-out}
@@ -19,21 +18,15 @@ if [[ "${1:-}" == "--build-only" ]]; then BUILD_ONLY=1; fi
 mkdir -p "$OUT/ab" build-dev
 trap 'cd "$OUT" && tar czf ab.tgz --remove-files ab 2>/dev/null' EXIT
 source "$(dirname "$0")/gpu_build.sh"
-build dec_test_lean tests/gpu/test_decode_attention.cu -DKVQ_TC_LEAN=1 -lgtest -lgtest_main &
-build bench_dec_lean bench/bench_gpu_decode.cu -DKVQ_TC_LEAN=1 &
 build dec_test_int3 tests/gpu/test_decode_attention.cu -DKVQ_TC_INT_3CTA=1 -lgtest -lgtest_main &
 build bench_dec_int3 bench/bench_gpu_decode.cu -DKVQ_TC_INT_3CTA=1 &
-build enc_test_2cta tests/gpu/test_encode.cu -DKVQ_QJL_ENC_2CTA=1 -lgtest -lgtest_main &
-build bench_enc_2cta bench/bench_gpu_encode.cu -DKVQ_QJL_ENC_2CTA=1 -lcublas &
-build enc_test_32w tests/gpu/test_encode.cu -DKVQ_QJL_ENC_2CTA=2 -lgtest -lgtest_main &
-build bench_enc_32w bench/bench_gpu_encode.cu -DKVQ_QJL_ENC_2CTA=2 -lcublas &
 if ((BUILD_ONLY)); then
     wait
     exec bash scripts/gpu_check.sh --build-only
 fi
 bash scripts/gpu_check.sh --runs "$RUNS" 2>&1 | tee "$OUT/ab/default.log" | grep -E "PASSED|FAILED|device:" | head -20
 wait
-for t in dec_test_lean dec_test_int3 enc_test_2cta enc_test_32w; do
+for t in dec_test_int3; do
     [[ -x build-dev/$t ]] || continue
     ./build-dev/$t 2>&1 | tee "$OUT/ab/$t.log" | grep -E "FAILED|PASSED|Failure" | head -10 | sed "s/^/$t: /"
 done
@@ -45,7 +38,4 @@ variant() {  # binary row-pattern: the variant's benchmark at 64k tokens, its ma
 }
 echo "== default (gpu_check.sh) vs variants, 64k tokens, graph us in column 5"
 row "tensor cores\]" <"$OUT/ab/default.log" | sed "s/^/default: /"
-variant bench_dec_lean "tensor cores\]"
 variant bench_dec_int3 "tensor cores\]"
-row "QJL m=256 \(fp16 in\)" <"$OUT/ab/default.log" | sed "s/^/default: /"
-for b in bench_enc_2cta bench_enc_32w; do variant $b "QJL m=256 \(fp16 in\)"; done

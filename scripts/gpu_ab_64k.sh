@@ -10,7 +10,7 @@ RUNS=20
 if [[ "${1:-}" == "--runs" ]]; then RUNS=$2; fi
 mkdir -p "$OUT/quick" build-dev
 trap 'cd "$OUT" && tar czf quick.tgz --remove-files quick 2>/dev/null' EXIT
-[[ -x build-dev/bench_enc_32w ]] || KVQ_PREBUILT=1 bash scripts/gpu_ab.sh --build-only
+[[ -x build-dev/bench_dec_int3 ]] || KVQ_PREBUILT=1 bash scripts/gpu_ab.sh --build-only
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 rows() {  # name binary pattern args...: the binary's 64k rows matching pattern
     local name=$1 bin=$2 pat=$3
@@ -21,12 +21,9 @@ rows() {  # name binary pattern args...: the binary's 64k rows matching pattern
 }
 rows score bench_score "tc|exact \|" --no-cublas
 rows dec bench_dec "tensor cores\]|fp16|score only"
-rows dec_lean bench_dec_lean "tensor cores\]"
 rows dec_int3 bench_dec_int3 "tensor cores\]"
 rows enc bench_enc "QJL m=256|int2|int4|WKV"
-rows enc_2cta bench_enc_2cta "QJL m=256 \(fp16 in\)"
-rows enc_32w bench_enc_32w "QJL m=256 \(fp16 in\)"
-for t in score_test dec_test enc_test dec_test_lean dec_test_int3 enc_test_2cta enc_test_32w; do
+for t in score_test dec_test enc_test dec_test_int3; do
     ./build-dev/$t >"$OUT/quick/$t.log" 2>&1
     echo "$t: rc $? $(grep -cE '^\[       OK' "$OUT/quick/$t.log") ok, $(grep -E '^\[  PASSED|^\[  FAILED' "$OUT/quick/$t.log" | head -3 | tr '\n' ' ')"
 done

@@ -36,14 +36,6 @@
 #include "kvq/cuda/encode_common.cuh"
 #include "kvq/cuda/mma.cuh"
 
-// Opt-in, not yet run on a GPU: qjl_encode_f16_kernel with twice the warps per SM (8 sketch rows per
-// warp instead of 16). 1: 2 CTAs of 512 threads per SM for d <= 128; 2: one CTA of 1024 threads for
-// d <= 128; both: one CTA of 512 threads for d = 256. Same bytes; bench/GPU_NOTES.md round 3,
-// "KVQ_QJL_ENC_2CTA", says what changes and how to A/B it. 0 (default): the tested kernel.
-#ifndef KVQ_QJL_ENC_2CTA
-#define KVQ_QJL_ENC_2CTA 0
-#endif
-
 namespace kvq::cuda {
 namespace detail {
 
@@ -583,19 +575,9 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
 //    queue, no atomics and no extra phase.
 //  * Row targets (page lookups) are fetched two tiles ahead and stored after the mma, so their
 //    latency never stalls a barrier; codes leave as whole 32-bit words.
-//  * KVQ_QJL_ENC_2CTA: a warp owns JW = 8 sketch rows (one n-tile: half the fragment registers), a
-//    CTA 16 warps = 128 sketch rows; for d <= 128 the kernel is capped at 64 registers so that 2 CTAs
-//    (32 warps) share an SM and one CTA's norms, barriers and stores overlap the other's mma. The
-//    arithmetic of every projection (operands, mma order per accumulator) is unchanged.
-//  * KVQ_QJL_ENC_2CTA == 2 (the other way to double the warps, for A/B): one CTA of 32 warps (256
-//    sketch rows, the grid of the default kernel) for d <= 128, so loads, norms and stores are not
-//    done twice, but the phases of a tile do not overlap; d = 256 as with 1.
 template <int D>
-inline constexpr int kQjlF16Warps = KVQ_QJL_ENC_2CTA == 0 ? kQjlEncWarps<D>
-                                                          : (KVQ_QJL_ENC_2CTA == 2 && D <= 128 ? 32 : 16);
-inline constexpr int kQjlF16JW = KVQ_QJL_ENC_2CTA ? 8 : kQjlEncJW;  // sketch rows per warp
-template <int D>
-inline constexpr int kQjlF16Ctas = (KVQ_QJL_ENC_2CTA == 1 && D <= 128) ? 2 : 1;  // CTAs per SM (launch bounds)
+inline constexpr int kQjlF16Warps = kQjlEncWarps<D>;
+inline constexpr int kQjlF16JW = kQjlEncJW;  // sketch rows per warp
 
 template <int D>
 struct QjlFastSmem {
@@ -684,7 +666,7 @@ __device__ __noinline__ unsigned qjl_recheck_f16(unsigned sgn, QjlAccN<8 * NT> a
 }
 
 template <int D>
-__global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_encode_f16_kernel(QjlEncodeArgs a) {
+__global__ void __launch_bounds__(kQjlF16Warps<D> * 32, 1) qjl_encode_f16_kernel(QjlEncodeArgs a) {
     constexpr int NW = kQjlF16Warps<D>, NTHR = NW * 32;
     constexpr int JW = kQjlF16JW, NT = JW / 8, KS = D / 16, RT = kQjlEncRows;
     static_assert((NT == 1 || NT == 2) && RT == 64, "the flag layout assumes 1 or 2 n-tiles and 2 pairs of m-tiles");
@@ -778,28 +760,10 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
     auto issue_page = [&]() {
         if (m_page != nullptr) m_pg = __ldg(m_page);
     };
-    // KVQ_QJL_ENC_2CTA (64 registers): the row pointer and token go to shared memory at once
-    // (`store_src`; the slot's last readers finished before the barrier that precedes load_meta),
-    // only the page entry stays in a register until `store_meta`.
-#if KVQ_QJL_ENC_2CTA
-    auto store_src = [&](int slot) {
-        if (tid < RT) {
-            srcs[slot * RT + tid] = m_src;
-            tgts[slot * RT + tid].y = m_tok;
-        }
-    };
-#define KVQ_QJL_ENC_STORE_SRC(slot) store_src(slot)
-#else
-#define KVQ_QJL_ENC_STORE_SRC(slot)
-#endif
     auto store_meta = [&](int slot) {
         if (tid < RT) {
-#if KVQ_QJL_ENC_2CTA
-            tgts[slot * RT + tid].x = static_cast<int>(m_pg);
-#else
             srcs[slot * RT + tid] = m_src;
             tgts[slot * RT + tid] = make_int2(static_cast<int>(m_pg), m_tok);
-#endif
         }
     };
     // Input rows of the tile whose targets are in `slot` into buffer `buf` (missing rows: zeros).
@@ -809,7 +773,6 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
 #pragma unroll
         for (int n = 0; n < (RT * CH + NTHR - 1) / NTHR; ++n) {
             const int i = tid + n * NTHR, r = i / CH, k = i % CH;
-            if (RT * CH < NTHR && i >= RT * CH) break;  // KVQ_QJL_ENC_2CTA == 2, d = 64: warps 16-31 idle
             const std::uint8_t* s = srcs[slot * RT + r];
             std::uint8_t* dst = dst0 + std::size_t(r) * AST * 2 + k * 16;
             if (s != nullptr)
@@ -829,11 +792,9 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
     const long long t0 = blockIdx.x, step = gridDim.x;
     load_meta(t0);
     issue_page();
-    KVQ_QJL_ENC_STORE_SRC(0);
     store_meta(0);
     load_meta(t0 + step);
     issue_page();
-    KVQ_QJL_ENC_STORE_SRC(1);
     store_meta(1);
     __syncthreads();
     prefetch(0, 0);
@@ -847,7 +808,6 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
         prefetch(nxt, buf ^ 1);  // the next tile's rows stream in during this tile
         load_meta(tile + 2 * step);
         issue_page();  // consumed after the mma: its latency is hidden there
-        KVQ_QJL_ENC_STORE_SRC((it + 2) % 3);
 
         // Norms: 8 threads per row, thread p sums the squares of chunks p, p + 8, ... in fp32 (exact
         // squares; rounding of at most D/8 + 3 additions, each <= 2^-24 of the running sum), then a
@@ -859,7 +819,6 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
 #pragma unroll
         for (int q0 = 0; q0 < RT * 8; q0 += NTHR) {
             const int q = q0 + tid, r = q >> 3, p = q & 7;
-            if (RT * 8 < NTHR && q >= RT * 8) break;  // KVQ_QJL_ENC_2CTA == 2: warps 16-31 (whole warps) idle
             const __half* row = A + r * AST;
             float s = 0.f;
 #pragma unroll
@@ -1000,7 +959,6 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, kQjlF16Ctas<D>) qjl_enco
     }
     tc::cp_async_wait<0>();
 }
-#undef KVQ_QJL_ENC_STORE_SRC
 
 inline std::size_t qjl_enc_smem_bytes(int d, bool f16in, int outliers) {
     const bool o = outliers > 0;
@@ -1056,36 +1014,6 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
     if (nx > tiles) nx = tiles;
     const dim3 grid(static_cast<unsigned>(nx), static_cast<unsigned>(ny));
     if (f16 && a.outliers == 0 && !a.legacy_kernel) {
-#if KVQ_QJL_ENC_2CTA
-        // kQjlF16Ctas<D> CTAs per SM, each with a slice of NW * JW sketch rows (128; 256 for
-        // KVQ_QJL_ENC_2CTA == 2, d <= 128). The resident count is asked of the runtime (once per d),
-        // so a build that misses the register cap still runs as one wave.
-        auto fast = [&](auto d_c) {
-            constexpr int Dc = decltype(d_c)::value;
-            constexpr int slice = detail::kQjlF16Warps<Dc> * detail::kQjlF16JW, nthr = detail::kQjlF16Warps<Dc> * 32;
-            constexpr std::size_t bytes = detail::QjlFastSmem<Dc>::bytes;
-            auto kernel = detail::qjl_encode_f16_kernel<Dc>;
-            static const int per_sm = [&] {
-                KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-                KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                                    int(cudaSharedmemCarveoutMaxShared)));
-                int n = 0;
-                KVQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, nthr, bytes));
-                return n < 1 ? 1 : (n > detail::kQjlF16Ctas<Dc> ? detail::kQjlF16Ctas<Dc> : n);
-            }();
-            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-            const int fy = (a.m + slice - 1) / slice;
-            long long fx = (static_cast<long long>(sms) * per_sm + fy - 1) / fy;
-            if (fx > tiles) fx = tiles;
-            kernel<<<dim3(static_cast<unsigned>(fx), static_cast<unsigned>(fy)), nthr, bytes, stream>>>(a);
-            KVQ_CUDA_CHECK_LAUNCH("qjl_encode_f16_kernel");
-        };
-        switch (a.head_dim) {
-            case 64: fast(std::integral_constant<int, 64>{}); break;
-            case 128: fast(std::integral_constant<int, 128>{}); break;
-            default: fast(std::integral_constant<int, 256>{}); break;
-        }
-#else
         auto fast = [&](auto kernel, std::size_t bytes) {
             KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
             kernel<<<grid, a.head_dim <= 128 ? 512 : 256, bytes, stream>>>(a);
@@ -1096,7 +1024,6 @@ inline void launch_qjl_encode(const QjlEncodeArgs& a, cudaStream_t stream, void*
             case 128: fast(detail::qjl_encode_f16_kernel<128>, detail::QjlFastSmem<128>::bytes); break;
             default: fast(detail::qjl_encode_f16_kernel<256>, detail::QjlFastSmem<256>::bytes); break;
         }
-#endif
         return;
     }
     const std::size_t smem = detail::qjl_enc_smem_bytes(a.head_dim, f16, a.outliers);
