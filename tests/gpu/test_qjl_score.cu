@@ -260,13 +260,16 @@ struct TcCase {
     bool zero_head = false;  // last query head all zeros (s = 0, u = 0, scores 0)
     bool legacy = false;     // the library's default launches instead of QjlScoreArgs::tc_pipelined
     int max_ctas = 0;        // QjlScoreArgs::tc_max_ctas: a small grid gives each warp many tiles
+    bool dense = false;      // QjlScoreArgs::tc_dense_projection (not pipelined)
+    bool pdl = false;        // QjlScoreArgs::tc_pdl (not pipelined)
 };
 
 std::string describe(const TcCase& c) {
     return "tc d=" + std::to_string(c.d) + " m=" + std::to_string(c.m) + " G=" + std::to_string(c.group) +
            " T=" + std::to_string(c.tokens) + " B=" + std::to_string(c.block_tokens) +
            " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "") +
-           (c.legacy ? " legacy" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "");
+           (c.legacy ? " legacy" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "") +
+           (c.dense ? " dense-projection" : "") + (c.pdl ? " pdl" : "");
 }
 
 // What a run leaves behind, for comparing the two tensor kernels bit for bit.
@@ -354,8 +357,11 @@ void run_tc_case(const TcCase& c, bool use_graph = false, TcOutput* out = nullpt
     a.query_type = c.fp16_query ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
     a.scores = d_scores.p;
     a.score_stride = score_stride;
-    a.tc_pipelined = !c.legacy;  // the tests exercise the opt-in pipelined path unless told otherwise
+    // The tests exercise the opt-in pipelined path unless told otherwise.
+    a.tc_pipelined = !c.legacy && !c.dense && !c.pdl;
     a.tc_max_ctas = c.max_ctas;
+    a.tc_dense_projection = c.dense;
+    a.tc_pdl = c.pdl;
     ASSERT_FALSE(a.exact_query);  // the default
     ASSERT_TRUE(kvq::cuda::qjl_score_uses_tensor_path(a));
     const auto ok = kvq::cuda::can_implement(a);
@@ -595,6 +601,44 @@ TEST(QjlScoreGpu, TensorPathPipelinedMatchesLegacy) {
         ASSERT_EQ(po.scores.size(), lo.scores.size());
         EXPECT_EQ(std::memcmp(po.scores.data(), lo.scores.data(), po.scores.size() * 4), 0) << "scores differ";
     }
+}
+
+TEST(QjlScoreGpu, TensorPathDenseProjectionAndPdlMatchLegacy) {
+    // qjl_project8_kernel sums S q in qjl_project_kernel's order; the programmatic dependent launch
+    // changes only when the score kernel starts: workspace and scores bit-identical to the default
+    // launches, for every combination, every group-size path (registers and records) and K steps.
+    const TcCase cases[] = {
+        {128, 256, 1, 4097, 64, 2},  {64, 96, 3, 333, 16, 2},
+        {256, 512, 4, 1001, 128, 1}, {128, 320, 8, 257, 32, 2},
+        {128, 1024, 2, 130, 256, 1}, {128, 256, 2, 77, 64, 2, true},
+        {128, 256, 1, 15, 16, 3},    {128, 1024, 8, 300, 128, 1},
+        {128, 256, 2, 0, 64, 2},     {128, 256, 2, 200, 64, 2, false, true},
+    };
+    for (const TcCase& c : cases) {
+        TcCase l = c;
+        l.legacy = true;
+        TcOutput lo;
+        run_tc_case(l, false, &lo);
+        for (int v = 1; v < 4; ++v) {
+            TcCase f = c;
+            f.dense = v & 1;
+            f.pdl = v & 2;
+            TcOutput fo;
+            run_tc_case(f, false, &fo);
+            SCOPED_TRACE(describe(f));
+            EXPECT_TRUE(fo.proj == lo.proj) << "S q differs";
+            EXPECT_TRUE(fo.rec == lo.rec) << "query records differ";
+            EXPECT_TRUE(fo.projq == lo.projq) << "u * s differs";
+            ASSERT_EQ(fo.scores.size(), lo.scores.size());
+            EXPECT_EQ(std::memcmp(fo.scores.data(), lo.scores.data(), fo.scores.size() * 4), 0) << "scores differ";
+        }
+    }
+    TcCase g{128, 256, 1, 3000, 64, 2};
+    g.dense = g.pdl = true;
+    run_tc_case(g, true);  // graph capture of the programmatic dependent launch, replayed twice
+    g.m = 96;
+    g.group = 3;
+    run_tc_case(g, true);
 }
 
 TEST(QjlScoreGpu, QueryPrepMatchesProjectAndQuantize) {

@@ -34,6 +34,11 @@
 // give bit-identical scores; the pipelined pair measured slower on an H100 (bench/RESULTS.md, round 3:
 // 51.2 vs 42.4 us at 64k tokens x 32 heads, 12.2 vs 9.9 us at 4k), so it stays opt-in until profiled.
 //
+// Opt-in, not yet measured (QjlScoreArgs::tc_dense_projection, tc_pdl): qjl_project8_kernel (one warp
+// per 8 sketch rows, bit-identical S q) instead of qjl_project_kernel, and qjl_score_tc_kernel as a
+// programmatic dependent of the quantisation launch that pulls its first code lines into L1 before
+// it waits for the query records. Same workspace contents, bit-identical scores.
+//
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
 // capture launch_qjl_score.
 #include <cuda_runtime.h>
@@ -96,6 +101,14 @@ struct QjlScoreArgs {
     // resident limit). A small cap gives each warp a long run of tiles (ring wrap-around, page-id
     // batches, KV-head changes); the tests use it, and it is a tuning knob for benchmarks.
     int tc_max_ctas = 0;
+    // Tensor path with tc_pipelined == false; opt-in, not yet measured (bench rows tc-dense, tc-pdl).
+    // tc_dense_projection: S q by qjl_project8_kernel (fewer, denser CTAs: one warp per 8 sketch rows
+    // with 64 independent loads per lane; the same sums in the same order as qjl_project_kernel).
+    bool tc_dense_projection = false;
+    // tc_pdl (sm_90+): qjl_score_tc_kernel is a programmatic dependent launch of the quantisation, so
+    // its CTAs become resident and pull their first code lines into L1 while the query is quantised;
+    // they wait (griddepcontrol.wait) only before reading the records. No per-CTA query work.
+    bool tc_pdl = false;
 };
 
 // Whether launch_qjl_score takes the tensor-core path for these arguments (on an sm_80+ device).
@@ -226,14 +239,52 @@ __device__ __forceinline__ void qjl_pdl_wait() {
 #endif
 }
 
+// <S_r, q> for the 8 sketch rows r of s0 ([8][d] row-major), q in qv (lane c holds channels c, c + 32,
+// ..., zero past d), one warp: lane c keeps the partial sums of the 8 rows over its channels (the same
+// fmaf chain as qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2,
+// 1 adds the same pairs in the same order as qjl_project_kernel's butterfly, so the sums are
+// bit-identical to it while a row costs one shuffle instead of five. Lane L returns row L / 4's sum
+// (every lane of the quad holds it). d <= 256.
+__device__ __forceinline__ float qjl_project_8rows(const float* s0, int d, const float (&qv)[8], int lane) {
+    float v[8];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) v[r] = 0.f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = lane + 32 * k;
+        if (c < d) {
+#pragma unroll
+            for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
+        }
+    }
+    // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
+    // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const bool up = lane & 16;
+        const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const bool up = lane & 8;
+        const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
+    }
+    {
+        const bool up = lane & 4;
+        const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
+        v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
+    }
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
+    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+    return v[0];
+}
+
 // Query preparation in one launch: qjl_project_kernel (without S^T) followed by
 // qjl_quantize_query_kernel, with bit-identical outputs. grid = n_heads, kQjlPrepWarps warps.
-// Each warp projects 8 sketch rows at a time with coalesced 128-byte row reads: lane c keeps the
-// partial sums of the 8 rows over channels c, c + 32, ... (the same fmaf chain as
-// qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2, 1 adds
-// the same pairs in the same order as qjl_project_kernel's butterfly, so S q is bit-identical while
-// a row costs one shuffle instead of five. The rows stay in shared memory for the quantisation.
-// Requires m <= 1024 (a multiple of 32), head_dim <= 256, and proj rows of m floats.
+// Each warp projects 8 sketch rows at a time (qjl_project_8rows); the rows stay in shared memory
+// for the quantisation. Requires m <= 1024 (a multiple of 32), head_dim <= 256, proj rows of m floats.
 inline constexpr int kQjlPrepWarps = 16;
 static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
     qjl_query_prep_kernel(QjlScoreArgs a, float* proj, float* qf, std::uint32_t* rec, float* projq) {
@@ -252,43 +303,11 @@ static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
         if (qf != nullptr && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
     }
     for (int tile = warp; tile < m / 8; tile += kQjlPrepWarps) {
-        const float* s0 = a.sketch + std::size_t(8 * tile) * d;
-        float v[8];
-#pragma unroll
-        for (int r = 0; r < 8; ++r) v[r] = 0.f;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) {
-            const int c = lane + 32 * k;
-            if (c < d) {
-#pragma unroll
-                for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
-            }
-        }
-        // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
-        // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const bool up = lane & 16;
-            const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const bool up = lane & 8;
-            const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
-            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-        }
-        {
-            const bool up = lane & 4;
-            const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
-            v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-        }
-        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
-        v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
+        const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
         if ((lane & 3) == 0) {
             const int j = 8 * tile + lane / 4;
-            s_p[j] = v[0];
-            if (proj != nullptr) proj[std::size_t(h) * m + j] = v[0];
+            s_p[j] = v;
+            if (proj != nullptr) proj[std::size_t(h) * m + j] = v;
         }
     }
     __syncthreads();
@@ -333,6 +352,28 @@ static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
         r[8 * L.words + 2] = 0u;
         r[8 * L.words + 3] = 0u;
     }
+}
+
+// QjlScoreArgs::tc_dense_projection: grid = (n_q_heads, ceil(m / 64)), 8 warps, one 8-row tile
+// (qjl_project_8rows, bit-identical to qjl_project_kernel) per warp: 4x fewer CTAs than
+// qjl_project_kernel at m = 256, each lane with 64 independent loads. proj [n_q_heads][m], qf
+// [n_q_heads][head_dim]. Requires m a multiple of 8 and head_dim <= 256.
+inline constexpr int kQjlProj8Warps = 8;
+static __global__ void __launch_bounds__(kQjlProj8Warps * 32)
+    qjl_project8_kernel(QjlScoreArgs a, float* proj, float* qf) {
+    const int h = blockIdx.x, d = a.head_dim, m = a.m;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tile = blockIdx.y * kQjlProj8Warps + warp;
+    const std::int64_t qs = a.query_stride ? a.query_stride : d;
+    if (tile >= m / 8) return;
+    float qv[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+        const int c = lane + 32 * k;
+        qv[k] = c < d ? qjl_load_query(a.query, a.query_type, h * qs + c) : 0.f;
+        if (blockIdx.y == 0 && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
+    }
+    const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
+    if ((lane & 3) == 0) proj[std::size_t(h) * m + 8 * tile + lane / 4] = v;
 }
 
 // Signed sum of the 8 nibble lookups of one code word (a tree, so the dependent chain is short).
@@ -540,7 +581,13 @@ __host__ __device__ constexpr int qjl_tc_unroll() {
     return KS == 1 ? 4 : (KS == 2 ? 2 : 1);
 }
 
-template <int KS, int GT>
+// The cache line of p into L1 (a hint: no fault, no result).
+__device__ __forceinline__ void qjl_prefetch_line(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
+// PDL (QjlScoreArgs::tc_pdl): launched as a programmatic dependent of the quantisation; each warp
+// pulls the page ids and codes of its first U steps into L1, then waits for the records (read
+// through L2 after the wait). PDL = false is the default kernel.
+template <int KS, int GT, bool PDL = false>
 __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
     qjl_score_tc_kernel(QjlScoreArgs a, const std::uint32_t* rec, float c_in, int chunk) {
     constexpr int U = qjl_tc_unroll<KS>();
@@ -561,6 +608,31 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
     const int wt0 = 1 << (2 * t), wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const int row = g + 8 * (t & 1);  // the row whose score this lane writes (t < 2)
 
+    if constexpr (PDL) {
+        const int p0 = c_begin + warp * 16 * U;
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int p = p0 + 16 * u;
+            if (p < c_end) {  // warp-uniform
+                const std::uint8_t* blk = a.pool + std::size_t(__ldg(pg + (p >> bsh))) * a.block_bytes;
+                const int tb = p & (B - 1);
+                const std::uint8_t* r0 = blk + std::size_t(tb + g) * cb;
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    if (8 * ks + 2 * t < nwords) {
+                        qjl_prefetch_line(r0 + 4 * (8 * ks + 2 * t));
+                        qjl_prefetch_line(r0 + 8 * cb + 4 * (8 * ks + 2 * t));
+                    }
+                }
+                qjl_prefetch_line(blk + norm_off + 2 * (tb + row));
+            }
+        }
+        qjl_pdl_wait();
+    }
+    auto ldrec = [](const std::uint32_t* p) { return PDL ? __ldcg(p) : __ldg(p); };
+    auto ldrec2 = [](const std::uint32_t* p) {
+        return PDL ? __ldcg(reinterpret_cast<const uint2*>(p)) : __ldg(reinterpret_cast<const uint2*>(p));
+    };
     std::uint32_t bq[GR][KS][2];
     float cs[GR];
     int usum[GR];
@@ -570,12 +642,12 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
             const std::uint32_t* r = rec0 + hh * rw;
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) {
-                const uint2 b = __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                const uint2 b = ldrec2(r + std::size_t(g) * QL.words + 8 * ks + 2 * t);
                 bq[hh][ks][0] = b.x;
                 bq[hh][ks][1] = b.y;
             }
-            cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
-            usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
+            cs[hh] = c_in * __uint_as_float(ldrec(r + 8 * QL.words));
+            usum[hh] = static_cast<int>(ldrec(r + 8 * QL.words + 1));
         }
     }
 
@@ -642,13 +714,12 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
                     std::uint32_t b[KS][2];
 #pragma unroll
                     for (int ks = 0; ks < KS; ++ks) {
-                        const uint2 v =
-                            __ldg(reinterpret_cast<const uint2*>(r + std::size_t(g) * QL.words + 8 * ks + 2 * t));
+                        const uint2 v = ldrec2(r + std::size_t(g) * QL.words + 8 * ks + 2 * t);
                         b[ks][0] = v.x;
                         b[ks][1] = v.y;
                     }
-                    score_head(hh, b, c_in * __uint_as_float(__ldg(r + 8 * QL.words)),
-                               static_cast<int>(__ldg(r + 8 * QL.words + 1)));
+                    score_head(hh, b, c_in * __uint_as_float(ldrec(r + 8 * QL.words)),
+                               static_cast<int>(ldrec(r + 8 * QL.words + 1)));
                 }
             }
         }
@@ -874,8 +945,9 @@ inline int qjl_pick_gt(int G, int m) {
 // Launches qjl_score_tc_kernel<KS, GT>: KS = ceil(m / 256) K steps; GT = G when G is 1, 2, 4 or 8
 // and its fragments fit in 16 registers x 2 (G * KS <= 16), else 0 (any G, fragments from L1).
 // Chunks of whole warp tiles, about 8 CTAs per SM in all (T = 4k x 32 heads: 512 CTAs; 64k: 1024).
+// pdl: as a programmatic dependent of the previous launch (the quantisation), PDL = true.
 template <int KS>
-inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, bool pdl, int sms, cudaStream_t stream) {
     const int G = a.n_q_heads / a.n_kv_heads;
     const int tile = 16 * qjl_tc_unroll<KS>();
     const long long tiles = static_cast<long long>((a.n_tokens + tile - 1) / tile) * a.n_kv_heads;
@@ -887,20 +959,35 @@ inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, in
     const int chunk = chunk_ll > (1LL << 30) ? (1 << 30) : static_cast<int>(chunk_ll);
     const dim3 grid(static_cast<unsigned>((a.n_tokens + chunk - 1) / chunk), static_cast<unsigned>(a.n_kv_heads));
     const float c_in = static_cast<float>(std::sqrt(kQjlHalfPi) / a.m);  // as QjlKeyCodec::score
-    auto go = [&](auto kernel, const char* name) {
-        kernel<<<grid, kQjlTcWarps * 32, 0, stream>>>(a, rec, c_in, chunk);
+    auto go = [&](auto kernel, auto pdl_kernel, const char* name) {
+        if (!pdl) {
+            kernel<<<grid, kQjlTcWarps * 32, 0, stream>>>(a, rec, c_in, chunk);
+            KVQ_CUDA_CHECK_LAUNCH(name);
+            return;
+        }
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = grid;
+        cfg.blockDim = dim3(kQjlTcWarps * 32);
+        cfg.stream = stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, pdl_kernel, a, rec, c_in, chunk));
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
     if (G == 1)
-        go(qjl_score_tc_kernel<KS, 1>, "qjl_score_tc_kernel<G=1>");
+        go(qjl_score_tc_kernel<KS, 1>, qjl_score_tc_kernel<KS, 1, true>, "qjl_score_tc_kernel<G=1>");
     else if (G == 2)
-        go(qjl_score_tc_kernel<KS, 2>, "qjl_score_tc_kernel<G=2>");
+        go(qjl_score_tc_kernel<KS, 2>, qjl_score_tc_kernel<KS, 2, true>, "qjl_score_tc_kernel<G=2>");
     else if (G == 4)
-        go(qjl_score_tc_kernel<KS, 4>, "qjl_score_tc_kernel<G=4>");
+        go(qjl_score_tc_kernel<KS, 4>, qjl_score_tc_kernel<KS, 4, true>, "qjl_score_tc_kernel<G=4>");
     else if (G == 8 && KS <= 2)
-        go(qjl_score_tc_kernel<KS, (KS <= 2 ? 8 : 0)>, "qjl_score_tc_kernel<G=8>");
+        go(qjl_score_tc_kernel<KS, (KS <= 2 ? 8 : 0)>, qjl_score_tc_kernel<KS, (KS <= 2 ? 8 : 0), true>,
+           "qjl_score_tc_kernel<G=8>");
     else
-        go(qjl_score_tc_kernel<KS, 0>, "qjl_score_tc_kernel<any G>");
+        go(qjl_score_tc_kernel<KS, 0>, qjl_score_tc_kernel<KS, 0, true>, "qjl_score_tc_kernel<any G>");
 }
 
 // Stages per warp: as many as fit 72 KB per CTA (3 CTAs per SM at m = 256), 2 to 4.
@@ -968,12 +1055,12 @@ inline void qjl_launch_pipe(const QjlScoreArgs& a, const std::uint32_t* rec, int
     }
 }
 
-inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, int sms, cudaStream_t stream) {
+inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, bool pdl, int sms, cudaStream_t stream) {
     switch ((a.m + 255) / 256) {
-        case 1: qjl_launch_tc_ks<1>(a, rec, sms, stream); break;
-        case 2: qjl_launch_tc_ks<2>(a, rec, sms, stream); break;
-        case 3: qjl_launch_tc_ks<3>(a, rec, sms, stream); break;
-        default: qjl_launch_tc_ks<4>(a, rec, sms, stream); break;
+        case 1: qjl_launch_tc_ks<1>(a, rec, pdl, sms, stream); break;
+        case 2: qjl_launch_tc_ks<2>(a, rec, pdl, sms, stream); break;
+        case 3: qjl_launch_tc_ks<3>(a, rec, pdl, sms, stream); break;
+        default: qjl_launch_tc_ks<4>(a, rec, pdl, sms, stream); break;
     }
 }
 
@@ -1070,9 +1157,15 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         detail::qjl_launch_pipe(a, rec, sms, stream);
         return;
     }
-    const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
-    detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
-    KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
+    if (tensor && a.tc_dense_projection) {
+        const dim3 pgrid(a.n_q_heads, (a.m / 8 + detail::kQjlProj8Warps - 1) / detail::kQjlProj8Warps);
+        detail::qjl_project8_kernel<<<pgrid, detail::kQjlProj8Warps * 32, 0, stream>>>(a, proj, qf);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_project8_kernel");
+    } else {
+        const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
+        detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
+        KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
+    }
     if (tensor) {
         auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
         auto* projq = reinterpret_cast<float*>(base + w.projq);
@@ -1080,7 +1173,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         detail::qjl_quantize_query_kernel<<<a.n_q_heads, 32 * ((a.m + 31) / 32), 0, stream>>>(proj, a.m, rec, projq);
         KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
         if (a.n_tokens == 0) return;
-        detail::qjl_launch_tc(a, rec, sms, stream);
+        detail::qjl_launch_tc(a, rec, a.tc_pdl && cc_major >= 9, sms, stream);
         return;
     }
     if (a.n_tokens == 0) return;
