@@ -935,6 +935,24 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
 #endif
 }
 
+// kernel<<<grid, threads, smem, stream>>>(args...) as a programmatic dependent of the previous launch
+// on the stream (sm_90; the kernel must griddepcontrol.wait before reading that launch's outputs).
+template <class... P, class... A>
+inline void qjl_launch_dependent(void (*kernel)(P...), dim3 grid, int threads, std::size_t smem, cudaStream_t stream,
+                                 A... args) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
 inline int qjl_pick_gt(int G, int m) {
     for (int gt : {8, 4, 2}) {
         if (G % gt == 0 && std::size_t(gt) * 16 * m <= kQjlSmemBudget) return gt;
@@ -965,16 +983,7 @@ inline void qjl_launch_tc_ks(const QjlScoreArgs& a, const std::uint32_t* rec, bo
             KVQ_CUDA_CHECK_LAUNCH(name);
             return;
         }
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = grid;
-        cfg.blockDim = dim3(kQjlTcWarps * 32);
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, pdl_kernel, a, rec, c_in, chunk));
+        qjl_launch_dependent(pdl_kernel, grid, kQjlTcWarps * 32, 0, stream, a, rec, c_in, chunk);
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
     if (G == 1)
@@ -1021,17 +1030,8 @@ inline void qjl_launch_pipe_ks(const QjlScoreArgs& a, const std::uint32_t* rec, 
         const long long resident = static_cast<long long>(sms > 0 ? sms : 1) * per_sm;
         if (ctas > resident) ctas = resident;
         if (a.tc_max_ctas > 0 && ctas > a.tc_max_ctas) ctas = a.tc_max_ctas;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-        cfg.blockDim = dim3(kQjlPipeWarps * 32);
-        cfg.dynamicSmemBytes = smem;
-        cfg.stream = stream;
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-        attr[0].val.programmaticStreamSerializationAllowed = 1;
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
-        KVQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a, rec, c_in, stages));
+        qjl_launch_dependent(kernel, dim3(static_cast<unsigned>(ctas)), kQjlPipeWarps * 32, smem, stream, a, rec, c_in,
+                             stages);
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
     if (G == 1)
