@@ -3,7 +3,9 @@
 // split-K decode attention kernel written here (not cuBLAS): fp16 K and V [batch][H][T][d], one
 // warp per 8-token step with fp32 online softmax, the same combine kernel as the fused path.
 //   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B] [--cfg C]   (filters for profiling; default
-//   all; C: 0 = QJL + int2, 1 = int4 K + V, 2 = WKV int4)
+//   all; C: 0 = QJL + int2, 1 = int4 K + V, 2 = WKV int4); --chunk C: DecodeAttentionArgs::chunk_tokens
+//   (positions per CTA of the tensor-core kernel, a multiple of 256; also the split of the CUDA-core and
+//   fp16 rows) instead of the planners' choice
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -237,7 +239,7 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1;
+    int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1, chunk_tokens = 0;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -247,8 +249,10 @@ int main(int argc, char** argv) {
             only_batch = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--cfg") && i + 1 < argc)
             only_cfg = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--chunk") && i + 1 < argc)
+            chunk_tokens = std::atoi(argv[++i]);
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C]\n", argv[0]);
             return 2;
         }
     }
@@ -358,8 +362,9 @@ int main(int argc, char** argv) {
                 a.n_tokens = a.k_encoded = a.v_encoded = d_len;
                 a.query = d_q;
                 a.out = d_out;
+                a.max_window_tokens = 0;        // every token is in blocks
+                a.chunk_tokens = chunk_tokens;  // 0: the planner's split
                 const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
-                a.max_window_tokens = 0;                                // every token is in blocks
                 const int n_chunks = kvq::cuda::detail::dec_chunks(a);  // the fp16 baseline's split
                 const int n_parts = kvq::cuda::detail::dec_plan(a).n_parts;
                 const double partial_bytes = 2.0 * batch * H * n_parts * (d + 2) * 4.0;

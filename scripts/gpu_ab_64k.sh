@@ -22,6 +22,12 @@ rows() {  # name binary pattern args...: the binary's 64k rows matching pattern
 rows score bench_score "tc|exact \|" --no-cublas
 rows dec bench_dec "tensor cores\]|fp16|score only"
 rows dec_int3 bench_dec_int3 "tensor cores\]"
+# The split-K planner picks 37 chunks of 1792 positions per head for WKV at batch 1 (3 waves of 396
+# CTAs) and int4 at batch 8 (36 waves of 264); longer chunks for comparison (chunk_tokens).
+rows dec_wkv_b1_c5632 bench_dec "WKV.*tensor cores\]" --cfg 2 --batch 1 --chunk 5632
+rows dec_wkv_b1_c3328 bench_dec "WKV.*tensor cores\]" --cfg 2 --batch 1 --chunk 3328
+rows dec_int4_b8_c65536 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chunk 65536
+rows dec_int4_b8_c8192 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chunk 8192
 rows enc bench_enc "QJL m=256|int2|int4|WKV"
 for t in score_test dec_test enc_test dec_test_int3; do
     ./build-dev/$t >"$OUT/quick/$t.log" 2>&1
