@@ -237,11 +237,12 @@ __device__ __forceinline__ void tc_load_words(const std::uint8_t* p, std::uint32
 // 3 CTAs per SM (<= 168 registers) where the registers allow it; token-wise keys hold d/8 more B
 // registers, so only their G = 1, d <= 128 instantiations keep that bound (tc_min_ctas).
 // KVQ_TC_QJL_MIN_CTAS: CTAs per SM of the QJL kernel for G = 1, d <= 128. 4 caps it at 128 registers
-// (117 used, no spills) and takes 2 pipeline stages so that 4 CTAs fit in shared memory: 16 warps per SM
-// hide more of the mma/shuffle latency than a third stage does (the kernel is latency bound, not
-// short of bytes in flight). H100, 64k tokens x 32 heads, QJL + int2: 108.2 vs 150.6 us at batch 1,
-// 784.9 vs 848.2 us at batch 8 against 3 CTAs with 3 stages (bench/RESULTS.md, round 3). Define it
-// as 3 to build the previous bound for A/B runs.
+// (the lean tile body uses all 128 at d 128 with 2-bit values, no spills) and takes 2 pipeline stages
+// so that 4 CTAs fit in shared memory: 16 warps per SM hide more of the mma/shuffle latency than a
+// third stage does (the kernel is latency bound, not short of bytes in flight). H100, 64k tokens x 32
+// heads, QJL + int2 (general tile body): 108.2 vs 150.6 us at batch 1, 784.9 vs 848.2 us at batch 8
+// against 3 CTAs with 3 stages (bench/RESULTS.md, round 3). Define it as 3 to build the previous
+// bound for A/B runs.
 #ifndef KVQ_TC_QJL_MIN_CTAS
 #define KVQ_TC_QJL_MIN_CTAS 4
 #endif
