@@ -28,6 +28,8 @@ rows dec_wkv_b1_c5632 bench_dec "WKV.*tensor cores\]" --cfg 2 --batch 1 --chunk 
 rows dec_wkv_b1_c3328 bench_dec "WKV.*tensor cores\]" --cfg 2 --batch 1 --chunk 3328
 rows dec_int4_b8_c65536 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chunk 65536
 rows dec_int4_b8_c8192 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chunk 8192
+rows dec_qjl_b1_c2048 bench_dec "QJL.*tensor cores\]" --cfg 0 --batch 1 --chunk 2048  # planner: 4096
+rows dec_qjl_b1_c8192 bench_dec "QJL.*tensor cores\]" --cfg 0 --batch 1 --chunk 8192
 rows enc bench_enc "QJL m=256|int2|int4|WKV"
 for t in score_test dec_test enc_test dec_test_int3; do
     ./build-dev/$t >"$OUT/quick/$t.log" 2>&1
