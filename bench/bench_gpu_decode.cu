@@ -5,7 +5,7 @@
 //   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B] [--cfg C]   (filters for profiling; default
 //   all; C: 0 = QJL + int2, 1 = int4 K + V, 2 = WKV int4); --chunk C: DecodeAttentionArgs::chunk_tokens
 //   (positions per CTA of the tensor-core kernel, a multiple of 256; also the split of the CUDA-core and
-//   fp16 rows) instead of the planners' choice
+//   fp16 rows) instead of the planners' choice; --pdl: DecodeAttentionArgs::tc_pdl
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -240,6 +240,7 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 
 int main(int argc, char** argv) {
     int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1, chunk_tokens = 0;
+    bool pdl = false;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -251,8 +252,11 @@ int main(int argc, char** argv) {
             only_cfg = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--chunk") && i + 1 < argc)
             chunk_tokens = std::atoi(argv[++i]);
+        else if (!std::strcmp(argv[i], "--pdl"))
+            pdl = true;
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--pdl]\n",
+                         argv[0]);
             return 2;
         }
     }
@@ -364,6 +368,7 @@ int main(int argc, char** argv) {
                 a.out = d_out;
                 a.max_window_tokens = 0;        // every token is in blocks
                 a.chunk_tokens = chunk_tokens;  // 0: the planner's split
+                a.tc_pdl = pdl;
                 const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
                 const int n_chunks = kvq::cuda::detail::dec_chunks(a);  // the fp16 baseline's split
                 const int n_parts = kvq::cuda::detail::dec_plan(a).n_parts;

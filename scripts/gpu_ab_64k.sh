@@ -30,6 +30,7 @@ rows dec_int4_b8_c65536 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chu
 rows dec_int4_b8_c8192 bench_dec "int4.*tensor cores\]" --cfg 1 --batch 8 --chunk 8192
 rows dec_qjl_b1_c2048 bench_dec "QJL.*tensor cores\]" --cfg 0 --batch 1 --chunk 2048  # planner: 4096
 rows dec_qjl_b1_c8192 bench_dec "QJL.*tensor cores\]" --cfg 0 --batch 1 --chunk 8192
+rows dec_qjl_pdl bench_dec "QJL.*tensor cores\]" --cfg 0 --pdl  # DecodeAttentionArgs::tc_pdl
 rows enc bench_enc "QJL m=256|int2|int4|WKV"
 for t in score_test dec_test enc_test dec_test_int3; do
     ./build-dev/$t >"$OUT/quick/$t.log" 2>&1

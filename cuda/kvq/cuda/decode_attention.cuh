@@ -113,6 +113,10 @@ struct DecodeAttentionArgs {
     // tokens (decode_attention_tc.cuh); false: per-lane 16-byte cp.async (A/B comparisons, tests).
     // Bulk staging is 1.16x faster at 64k tokens, batch 1, and 1.29x at batch 8 (H100, bench/RESULTS.md).
     bool tc_bulk_staging = true;
+    // Opt-in, not yet measured: QJL keys, G = 1, d = 128 on sm_90+ (ignored otherwise): the tensor-core
+    // kernel is a programmatic dependent launch of the query quantisation; it issues its first tiles'
+    // copies, then waits for the query records (decode_tc_kernel's PDL). Outputs bit-identical.
+    bool tc_pdl = false;
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).
@@ -795,9 +799,22 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
                                                                     accp);
             KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel");
         };
+        int cc_major = 0, dev = 0;
+        KVQ_CUDA_CHECK(cudaGetDevice(&dev));
+        KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+        const bool pdl = a.tc_pdl && cc_major >= 9 && a.key_format == KeyFormat::Qjl && G == 1 && a.head_dim == 128;
+        auto tlaunch_pdl = [&](auto kernel) {  // after qjl_quantize_query_kernel (QJL keys only)
+            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tsmem)));
+            detail::qjl_launch_dependent(kernel, tgrid, detail::kTcWarps * 32, tsmem, stream, a, qrec, plan.chunk,
+                                         plan.n_parts, stages, ml, accp);
+            KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel<PDL>");
+        };
         // Template arguments: head dim, value bits, G, key bits (0 = QJL).
         auto with_g = [&](auto d_c, auto vb_c, auto kb_c) {
             constexpr int Dc = decltype(d_c)::value, VBc = decltype(vb_c)::value, KBc = decltype(kb_c)::value;
+            if constexpr (Dc == 128 && KBc == 0) {
+                if (pdl) return tlaunch_pdl(detail::decode_tc_kernel<Dc, VBc, 1, KBc, true>);
+            }
             switch (G) {
                 case 1: tlaunch(detail::decode_tc_kernel<Dc, VBc, 1, KBc>); break;
                 case 2: tlaunch(detail::decode_tc_kernel<Dc, VBc, 2, KBc>); break;

@@ -251,7 +251,31 @@ __host__ __device__ constexpr int tc_min_ctas() {
     return KBITS == 0 ? (G >= 4 ? 2 : (G == 1 && D <= 128 ? KVQ_TC_QJL_MIN_CTAS : 3)) : (G == 1 && D <= 128 ? 3 : 2);
 }
 
-template <int D, int VBITS, int G, int KBITS>
+// The QJL query records of the G query heads of KV head kv, sequence b (qjl_query.cuh): this lane's
+// B fragments of the K steps (zero past m), the score scale c_in * s and usum.
+template <int G>
+__device__ __forceinline__ void tc_load_qrec(const std::uint32_t* qrec, int b, int Hq, int kv, int m, int g, int t,
+                                             std::uint32_t (&bq)[G][4][2], float (&cs)[G], int (&usum)[G]) {
+    const QjlQueryLayout QL = QjlQueryLayout::of(m);
+    const int ksteps = (m + 255) / 256;
+    const float c_in = static_cast<float>(1.2533141373155003 / m);
+#pragma unroll
+    for (int hh = 0; hh < G; ++hh) {
+        const std::uint32_t* r = qrec + (std::size_t(b) * Hq + kv * G + hh) * QL.record_words();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+            bq[hh][ks][0] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t) : 0u;
+            bq[hh][ks][1] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t + 1) : 0u;
+        }
+        cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
+        usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
+    }
+}
+
+// PDL (DecodeAttentionArgs::tc_pdl; QJL keys, G = 1, d = 128 only): launched as a programmatic dependent
+// of the query quantisation, the kernel issues its first stages' copies (they do not depend on the
+// query), then waits (griddepcontrol.wait: every thread, before any read of qrec) and loads the records.
+template <int D, int VBITS, int G, int KBITS, bool PDL = false>
 __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     decode_tc_kernel(DecodeAttentionArgs a, const std::uint32_t* qrec, int chunk, int n_parts, int n_stages,
                      float* part_ml, float* part_acc) {
@@ -320,24 +344,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 #endif
 
     // QJL: query planes of the G heads (B operands of the BMMA), the scale and usum.
+    static_assert(!PDL || kQjl, "the programmatic dependent launch follows the QJL query quantisation");
     std::uint32_t bq[kQjl ? G : 1][4][2];
     float cs[G];
     int usum[G];
-    if constexpr (kQjl) {
-        const QjlQueryLayout QL = QjlQueryLayout::of(m);
-        const float c_in = static_cast<float>(1.2533141373155003 / m);
-#pragma unroll
-        for (int hh = 0; hh < G; ++hh) {
-            const std::uint32_t* r = qrec + (std::size_t(b) * Hq + kv * G + hh) * QL.record_words();
-#pragma unroll
-            for (int ks = 0; ks < 4; ++ks) {
-                bq[hh][ks][0] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t) : 0u;
-                bq[hh][ks][1] = ks < ksteps ? __ldg(r + std::size_t(g) * QL.words + 8 * ks + 2 * t + 1) : 0u;
-            }
-            cs[hh] = c_in * __uint_as_float(__ldg(r + 8 * QL.words));
-            usum[hh] = static_cast<int>(__ldg(r + 8 * QL.words + 1));
-        }
-    }
+    if constexpr (kQjl && !PDL) tc_load_qrec<G>(qrec, b, Hq, kv, m, g, t, bq, cs, usum);
     const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
 
@@ -354,7 +365,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
     }
     float lusum = 0.f;  // usum as float, exact (|usum| <= 127 m)
-    if constexpr (kQjl) lusum = static_cast<float>(usum[0]);
+    if constexpr (kQjl && !PDL) lusum = static_cast<float>(usum[0]);
     const int lk_off = st.kc + g * kcb + 8 * t;    // key row g of step 0, this lane's 8 bytes
     const int lkn_off = st.kn + 2 * (16 * t + g);  // norm of position 16t + g
 
@@ -570,6 +581,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
     } else {
         for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
+    }
+    if constexpr (PDL) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+        tc_load_qrec<G>(qrec, b, Hq, kv, m, g, t, bq, cs, usum);
+        lusum = static_cast<float>(usum[0]);
     }
     std::uint32_t pg_next = load_pages(n_stages - 1);
     int rd_stage = 0, wr_stage = n_stages - 1;  // stages of tiles k and k + n_stages - 1
