@@ -3,8 +3,8 @@
 //   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas]
 // Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores),
 // "tc-pipelined" = the same scores through the opt-in fused query preparation + pipelined bulk-copy
-// kernel (QjlScoreArgs::tc_pipelined), "tc-dense" / "tc-pdl" / "tc-dense-pdl" = the default with
-// QjlScoreArgs::tc_dense_projection and/or tc_pdl, "exact" = exact_query = true (fp32 nibble tables),
+// kernel (QjlScoreArgs::tc_pipelined), "tc-plain" = the default with QjlScoreArgs::tc_pdl = false (the
+// score kernel not a programmatic dependent launch), "exact" = exact_query = true (fp32 nibble tables),
 // "exact+8o" = 8 outliers (always exact).
 // For each shape: median of N (default 50) warmed-up runs, each run on the next of several copies
 // of the inputs so that the working set exceeds the L2 cache (50 MB) where memory allows.
@@ -226,14 +226,12 @@ int main(int argc, char** argv) {
                 bool exact;
                 bool legacy;
                 Timing t;
-                bool dense = false, pdl = false;
+                bool plain = false;
             };
             std::vector<Variant> variants;
             if (outliers == 0)
                 variants = {{"tc", false, true, {}},
-                            {"tc-dense", false, true, {}, true, false},
-                            {"tc-pdl", false, true, {}, false, true},
-                            {"tc-dense-pdl", false, true, {}, true, true},
+                            {"tc-plain", false, true, {}, true},
                             {"tc-pipelined", false, false, {}},
                             {"exact", true, false, {}}};
             else
@@ -253,8 +251,7 @@ int main(int argc, char** argv) {
                 a.scores = cs[0].scores;
                 a.exact_query = v.exact;
                 a.tc_pipelined = !v.legacy;
-                a.tc_dense_projection = v.dense;
-                a.tc_pdl = v.pdl;
+                if (v.plain) a.tc_pdl = false;
                 const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
                 void* ws;
                 KVQ_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
@@ -329,9 +326,9 @@ int main(int argc, char** argv) {
         "QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
         "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
         "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n"
-        "path: tc = int8 bit-sliced query on tensor cores (default: project, quantize, BMMA kernel),\n"
-        "tc-pipelined = the same through QjlScoreArgs::tc_pipelined, tc-dense / tc-pdl = tc_dense_projection /\n"
-        "tc_pdl, exact = exact_query, exact+8o = 8 outliers.\n\n");
+        "path: tc = int8 bit-sliced query on tensor cores (default: project, quantize, BMMA kernel as its\n"
+        "programmatic dependent), tc-plain = the same with tc_pdl = false, tc-pipelined = QjlScoreArgs::tc_pipelined,\n"
+        "exact = exact_query, exact+8o = 8 outliers.\n\n");
     std::printf(
         "| path | outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | "
         "cuBLAS graph us | cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");

@@ -260,8 +260,7 @@ struct TcCase {
     bool zero_head = false;  // last query head all zeros (s = 0, u = 0, scores 0)
     bool legacy = false;     // the library's default launches instead of QjlScoreArgs::tc_pipelined
     int max_ctas = 0;        // QjlScoreArgs::tc_max_ctas: a small grid gives each warp many tiles
-    bool dense = false;      // QjlScoreArgs::tc_dense_projection (not pipelined)
-    bool pdl = false;        // QjlScoreArgs::tc_pdl (not pipelined)
+    bool plain = false;      // not pipelined, QjlScoreArgs::tc_pdl = false (a plain score launch)
 };
 
 std::string describe(const TcCase& c) {
@@ -269,7 +268,7 @@ std::string describe(const TcCase& c) {
            " T=" + std::to_string(c.tokens) + " B=" + std::to_string(c.block_tokens) +
            " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "") +
            (c.legacy ? " legacy" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "") +
-           (c.dense ? " dense-projection" : "") + (c.pdl ? " pdl" : "");
+           (c.plain ? " plain-launch" : "");
 }
 
 // What a run leaves behind, for comparing the two tensor kernels bit for bit.
@@ -358,10 +357,9 @@ void run_tc_case(const TcCase& c, bool use_graph = false, TcOutput* out = nullpt
     a.scores = d_scores.p;
     a.score_stride = score_stride;
     // The tests exercise the opt-in pipelined path unless told otherwise.
-    a.tc_pipelined = !c.legacy && !c.dense && !c.pdl;
+    a.tc_pipelined = !c.legacy && !c.plain;
     a.tc_max_ctas = c.max_ctas;
-    a.tc_dense_projection = c.dense;
-    a.tc_pdl = c.pdl;
+    if (c.plain) a.tc_pdl = false;
     ASSERT_FALSE(a.exact_query);  // the default
     ASSERT_TRUE(kvq::cuda::qjl_score_uses_tensor_path(a));
     const auto ok = kvq::cuda::can_implement(a);
@@ -603,10 +601,10 @@ TEST(QjlScoreGpu, TensorPathPipelinedMatchesLegacy) {
     }
 }
 
-TEST(QjlScoreGpu, TensorPathDenseProjectionAndPdlMatchLegacy) {
-    // qjl_project8_kernel sums S q in qjl_project_kernel's order; the programmatic dependent launch
-    // changes only when the score kernel starts: workspace and scores bit-identical to the default
-    // launches, for every combination, every group-size path (registers and records) and K steps.
+TEST(QjlScoreGpu, TensorPathPdlMatchesPlainLaunch) {
+    // The default launch (on sm_90 a programmatic dependent of the quantisation, QjlScoreArgs::tc_pdl)
+    // changes only when the score kernel starts: workspace and scores bit-identical to a plain launch,
+    // for every group-size path (registers and records) and K steps.
     const TcCase cases[] = {
         {128, 256, 1, 4097, 64, 2},  {64, 96, 3, 333, 16, 2},
         {256, 512, 4, 1001, 128, 1}, {128, 320, 8, 257, 32, 2},
@@ -615,26 +613,21 @@ TEST(QjlScoreGpu, TensorPathDenseProjectionAndPdlMatchLegacy) {
         {128, 256, 2, 0, 64, 2},     {128, 256, 2, 200, 64, 2, false, true},
     };
     for (const TcCase& c : cases) {
-        TcCase l = c;
-        l.legacy = true;
-        TcOutput lo;
+        TcCase l = c, f = c;
+        l.plain = true;
+        f.legacy = true;
+        TcOutput lo, fo;
         run_tc_case(l, false, &lo);
-        for (int v = 1; v < 4; ++v) {
-            TcCase f = c;
-            f.dense = v & 1;
-            f.pdl = v & 2;
-            TcOutput fo;
-            run_tc_case(f, false, &fo);
-            SCOPED_TRACE(describe(f));
-            EXPECT_TRUE(fo.proj == lo.proj) << "S q differs";
-            EXPECT_TRUE(fo.rec == lo.rec) << "query records differ";
-            EXPECT_TRUE(fo.projq == lo.projq) << "u * s differs";
-            ASSERT_EQ(fo.scores.size(), lo.scores.size());
-            EXPECT_EQ(std::memcmp(fo.scores.data(), lo.scores.data(), fo.scores.size() * 4), 0) << "scores differ";
-        }
+        run_tc_case(f, false, &fo);
+        SCOPED_TRACE(describe(f));
+        EXPECT_TRUE(fo.proj == lo.proj) << "S q differs";
+        EXPECT_TRUE(fo.rec == lo.rec) << "query records differ";
+        EXPECT_TRUE(fo.projq == lo.projq) << "u * s differs";
+        ASSERT_EQ(fo.scores.size(), lo.scores.size());
+        EXPECT_EQ(std::memcmp(fo.scores.data(), lo.scores.data(), fo.scores.size() * 4), 0) << "scores differ";
     }
     TcCase g{128, 256, 1, 3000, 64, 2};
-    g.dense = g.pdl = true;
+    g.legacy = true;
     run_tc_case(g, true);  // graph capture of the programmatic dependent launch, replayed twice
     g.m = 96;
     g.group = 3;

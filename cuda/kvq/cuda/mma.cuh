@@ -66,6 +66,9 @@ __device__ __forceinline__ float half_hi_to_float(std::uint32_t h2) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(h2 >> 16)));
 }
 
+// The cache line of p into L1: a hint (no fault, no result) that lets a load issued later hit.
+__device__ __forceinline__ void prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));

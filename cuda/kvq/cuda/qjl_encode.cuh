@@ -145,6 +145,29 @@ __device__ __forceinline__ void qjl_raw_row(const std::uint8_t* raw, int r, int 
     }
 }
 
+// The mma B fragments of the warp's sketch rows jbase .. jbase + 8 NT - 1 (row jbase + 8 nt + g,
+// channels 16 ks + 8 hlf + 2 tig and the next), split as S = S_hi + S_lo in fp16 so that two fp16
+// mmas give the projection to about fp32 accuracy. Inactive warps (jbase >= m) load row 0.
+template <int D, int KS, int NT>
+__device__ __forceinline__ void qjl_sketch_fragments(const float* sketch, int jbase, bool jactive, int g, int tig,
+                                                     unsigned (&bh)[KS][NT][2], unsigned (&bl)[KS][NT][2]) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const float* srow = sketch + std::size_t(jactive ? jbase + nt * 8 + g : 0) * D;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+            for (int hlf = 0; hlf < 2; ++hlf) {
+                const int c = ks * 16 + hlf * 8 + tig * 2;
+                const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
+                const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
+                const __half l0 = __float2half_rn(s0 - __half2float(h0)), l1 = __float2half_rn(s1 - __half2float(h1));
+                bh[ks][nt][hlf] = pack_half2(h0, h1);
+                bl[ks][nt][hlf] = pack_half2(l0, l1);
+            }
+    }
+}
+
 template <int D, bool F16IN>
 __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(QjlEncodeArgs a) {
     constexpr int NW = kQjlEncWarps<D>, kQjlEncThreads = NW * 32;
@@ -193,23 +216,7 @@ __global__ void __launch_bounds__(kQjlEncWarps<D> * 32, 1) qjl_encode_kernel(Qjl
                 }
             thr[jl] = coef * sqrtf(nn) * 1.001f + absterm;
         }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int j = jbase + nt * 8 + g;
-            const float* srow = a.sketch + std::size_t(jactive ? j : 0) * D;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-                for (int hlf = 0; hlf < 2; ++hlf) {
-                    const int c = ks * 16 + hlf * 8 + tig * 2;
-                    const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
-                    const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
-                    const __half l0 = __float2half_rn(s0 - __half2float(h0)),
-                                 l1 = __float2half_rn(s1 - __half2float(h1));
-                    bh[ks][nt][hlf] = pack_half2(h0, h1);
-                    bl[ks][nt][hlf] = pack_half2(l0, l1);
-                }
-        }
+        qjl_sketch_fragments<D, KS, NT>(a.sketch, jbase, jactive, g, tig, bh, bl);
     }
 
     const int ntg = (a.n_tokens + 31) / 32, nhp = (H + 1) / 2;
@@ -705,23 +712,7 @@ __global__ void __launch_bounds__(kQjlF16Warps<D> * 32, 1) qjl_encode_f16_kernel
         thrw = coef * sqrtf(nn) * 1.001f + absterm;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) thrw = fmaxf(thrw, __shfl_xor_sync(0xffffffffu, thrw, off));
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            const int j = jbase + nt * 8 + g;
-            const float* srow = a.sketch + std::size_t(jactive ? j : 0) * D;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-#pragma unroll
-                for (int hlf = 0; hlf < 2; ++hlf) {
-                    const int c = ks * 16 + hlf * 8 + tig * 2;
-                    const float s0 = __ldg(srow + c), s1 = __ldg(srow + c + 1);
-                    const __half h0 = __float2half_rn(s0), h1 = __float2half_rn(s1);
-                    const __half l0 = __float2half_rn(s0 - __half2float(h0)),
-                                 l1 = __float2half_rn(s1 - __half2float(h1));
-                    bh[ks][nt][hlf] = pack_half2(h0, h1);
-                    bl[ks][nt][hlf] = pack_half2(l0, l1);
-                }
-        }
+        qjl_sketch_fragments<D, KS, NT>(a.sketch, jbase, jactive, g, tig, bh, bl);
     }
 
     const int ntg = (a.n_tokens + 31) / 32, nhp = (H + 1) / 2;

@@ -34,11 +34,11 @@
 // give bit-identical scores; the pipelined pair measured slower on an H100 (bench/RESULTS.md, round 3:
 // 51.2 vs 42.4 us at 64k tokens x 32 heads, 12.2 vs 9.9 us at 4k), so it stays opt-in until profiled.
 //
-// Opt-in, not yet measured (QjlScoreArgs::tc_dense_projection, tc_pdl): qjl_project8_kernel (one warp
-// per 8 sketch rows, bit-identical S q) instead of qjl_project_kernel, and qjl_score_tc_kernel as a
-// programmatic dependent of the quantisation launch that pulls its first code lines into L1 before
-// it waits for the query records. Same workspace contents, bit-identical scores.
-//
+// On sm_90 the default tensor path launches qjl_score_tc_kernel as a programmatic dependent of the
+// quantisation (QjlScoreArgs::tc_pdl): its warps pull their first code lines into L1, then wait for
+// the query records; 41.4 vs 42.5 us at 64k tokens x 32 heads on an H100 (bench/RESULTS.md, round 5).
+// A denser projection kernel (one warp per 8 sketch rows) measured slower (46.1 us) and was removed.
+
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
 // capture launch_qjl_score.
 #include <cuda_runtime.h>
@@ -101,14 +101,11 @@ struct QjlScoreArgs {
     // resident limit). A small cap gives each warp a long run of tiles (ring wrap-around, page-id
     // batches, KV-head changes); the tests use it, and it is a tuning knob for benchmarks.
     int tc_max_ctas = 0;
-    // Tensor path with tc_pipelined == false; opt-in, not yet measured (bench rows tc-dense, tc-pdl).
-    // tc_dense_projection: S q by qjl_project8_kernel (fewer, denser CTAs: one warp per 8 sketch rows
-    // with 64 independent loads per lane; the same sums in the same order as qjl_project_kernel).
-    bool tc_dense_projection = false;
-    // tc_pdl (sm_90+): qjl_score_tc_kernel is a programmatic dependent launch of the quantisation, so
-    // its CTAs become resident and pull their first code lines into L1 while the query is quantised;
-    // they wait (griddepcontrol.wait) only before reading the records. No per-CTA query work.
-    bool tc_pdl = false;
+    // Tensor path with tc_pipelined == false, sm_90+: qjl_score_tc_kernel is a programmatic dependent
+    // launch of the query quantisation, so its CTAs become resident and pull their first code lines
+    // into L1 while the query is quantised; they wait (griddepcontrol.wait) only before reading the
+    // records. Bit-identical scores either way; false: a plain launch (the A/B baseline).
+    bool tc_pdl = true;
 };
 
 // Whether launch_qjl_score takes the tensor-core path for these arguments (on an sm_80+ device).
@@ -354,28 +351,6 @@ static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
     }
 }
 
-// QjlScoreArgs::tc_dense_projection: grid = (n_q_heads, ceil(m / 64)), 8 warps, one 8-row tile
-// (qjl_project_8rows, bit-identical to qjl_project_kernel) per warp: 4x fewer CTAs than
-// qjl_project_kernel at m = 256, each lane with 64 independent loads. proj [n_q_heads][m], qf
-// [n_q_heads][head_dim]. Requires m a multiple of 8 and head_dim <= 256.
-inline constexpr int kQjlProj8Warps = 8;
-static __global__ void __launch_bounds__(kQjlProj8Warps * 32)
-    qjl_project8_kernel(QjlScoreArgs a, float* proj, float* qf) {
-    const int h = blockIdx.x, d = a.head_dim, m = a.m;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tile = blockIdx.y * kQjlProj8Warps + warp;
-    const std::int64_t qs = a.query_stride ? a.query_stride : d;
-    if (tile >= m / 8) return;
-    float qv[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int c = lane + 32 * k;
-        qv[k] = c < d ? qjl_load_query(a.query, a.query_type, h * qs + c) : 0.f;
-        if (blockIdx.y == 0 && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
-    }
-    const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
-    if ((lane & 3) == 0) proj[std::size_t(h) * m + 8 * tile + lane / 4] = v;
-}
-
 // Signed sum of the 8 nibble lookups of one code word (a tree, so the dependent chain is short).
 __device__ __forceinline__ float qjl_word_sum(const float* L, std::uint32_t w) {
     const float v0 = L[0 * 16 + (w & 15)], v1 = L[1 * 16 + ((w >> 4) & 15)];
@@ -388,8 +363,8 @@ __device__ __forceinline__ float qjl_word_sum(const float* L, std::uint32_t w) {
 // Prefetches [p, p + bytes) into L1 (the code of this lane's token), so that its memory latency
 // overlaps the table build.
 __device__ __forceinline__ void qjl_prefetch_l1(const std::uint8_t* p, std::uint32_t bytes) {
-    for (std::uint32_t o = 0; o < bytes; o += 64) asm volatile("prefetch.global.L1 [%0];" ::"l"(p + o));
-    asm volatile("prefetch.global.L1 [%0];" ::"l"(p + bytes - 1));
+    for (std::uint32_t o = 0; o < bytes; o += 64) tc::prefetch_l1(p + o);
+    tc::prefetch_l1(p + bytes - 1);
 }
 
 // Calls f(word, word_index) for the n_words 32-bit words at p (16-byte loads when aligned).
@@ -581,9 +556,6 @@ __host__ __device__ constexpr int qjl_tc_unroll() {
     return KS == 1 ? 4 : (KS == 2 ? 2 : 1);
 }
 
-// The cache line of p into L1 (a hint: no fault, no result).
-__device__ __forceinline__ void qjl_prefetch_line(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
-
 // PDL (QjlScoreArgs::tc_pdl): launched as a programmatic dependent of the quantisation; each warp
 // pulls the page ids and codes of its first U steps into L1, then waits for the records (read
 // through L2 after the wait). PDL = false is the default kernel.
@@ -620,11 +592,11 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
 #pragma unroll
                 for (int ks = 0; ks < KS; ++ks) {
                     if (8 * ks + 2 * t < nwords) {
-                        qjl_prefetch_line(r0 + 4 * (8 * ks + 2 * t));
-                        qjl_prefetch_line(r0 + 8 * cb + 4 * (8 * ks + 2 * t));
+                        tc::prefetch_l1(r0 + 4 * (8 * ks + 2 * t));
+                        tc::prefetch_l1(r0 + 8 * cb + 4 * (8 * ks + 2 * t));
                     }
                 }
-                qjl_prefetch_line(blk + norm_off + 2 * (tb + row));
+                tc::prefetch_l1(blk + norm_off + 2 * (tb + row));
             }
         }
         qjl_pdl_wait();
@@ -1157,11 +1129,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         detail::qjl_launch_pipe(a, rec, sms, stream);
         return;
     }
-    if (tensor && a.tc_dense_projection) {
-        const dim3 pgrid(a.n_q_heads, (a.m / 8 + detail::kQjlProj8Warps - 1) / detail::kQjlProj8Warps);
-        detail::qjl_project8_kernel<<<pgrid, detail::kQjlProj8Warps * 32, 0, stream>>>(a, proj, qf);
-        KVQ_CUDA_CHECK_LAUNCH("qjl_project8_kernel");
-    } else {
+    {
         const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
         detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
         KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
