@@ -5,7 +5,9 @@
 //   kvq-bench-gpu-decode [--runs N] [--tokens T] [--batch B] [--cfg C]   (filters for profiling; default
 //   all; C: 0 = QJL + int2, 1 = int4 K + V, 2 = WKV int4); --chunk C: DecodeAttentionArgs::chunk_tokens
 //   (positions per CTA of the tensor-core kernel, a multiple of 256; also the split of the CUDA-core and
-//   fp16 rows) instead of the planners' choice; --pdl: DecodeAttentionArgs::tc_pdl
+//   fp16 rows) instead of the planners' choice; --sweep: after each tensor-core row, the same call at
+//   chunk_tokens 256 .. T (one "sweep:" line each, graph us), the data behind the planner's cost model
+//   (dec_plan)
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -240,7 +242,7 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 
 int main(int argc, char** argv) {
     int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1, chunk_tokens = 0;
-    bool pdl = false;
+    bool sweep = false;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -252,10 +254,10 @@ int main(int argc, char** argv) {
             only_cfg = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--chunk") && i + 1 < argc)
             chunk_tokens = std::atoi(argv[++i]);
-        else if (!std::strcmp(argv[i], "--pdl"))
-            pdl = true;
+        else if (!std::strcmp(argv[i], "--sweep"))
+            sweep = true;
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--pdl]\n",
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--sweep]\n",
                          argv[0]);
             return 2;
         }
@@ -368,7 +370,6 @@ int main(int argc, char** argv) {
                 a.out = d_out;
                 a.max_window_tokens = 0;        // every token is in blocks
                 a.chunk_tokens = chunk_tokens;  // 0: the planner's split
-                a.tc_pdl = pdl;
                 const std::size_t ws_bytes = kvq::cuda::decode_attention_workspace_bytes(a);
                 const int n_chunks = kvq::cuda::detail::dec_chunks(a);  // the fp16 baseline's split
                 const int n_parts = kvq::cuda::detail::dec_plan(a).n_parts;
@@ -412,7 +413,36 @@ int main(int argc, char** argv) {
                 KVQ_CUDA_CHECK(cudaDeviceSynchronize());
                 rows.push_back(
                     {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
-                if (kvq::cuda::detail::dec_plan(a).tc) {
+                if (sweep && kvq::cuda::detail::dec_plan(a).tc) {
+                    const auto pl = kvq::cuda::detail::dec_plan(a);
+                    std::printf("sweep: %s batch %d T %d planner chunk %d: %.1f us\n", name.c_str(), batch, T, pl.chunk,
+                                t.graph_us);
+                    for (int ch : {256, 512, 768, 1024, 1536, 2048, 2816, 3328, 4096, 5632, 8192, 11008, 16384, 22016,
+                                   32768, 65536}) {
+                        if (ch > T) break;
+                        kvq::cuda::DecodeAttentionArgs as = a;
+                        as.chunk_tokens = ch;
+                        const std::size_t sws_bytes = kvq::cuda::decode_attention_workspace_bytes(as);
+                        void* sws;
+                        KVQ_CUDA_CHECK(cudaMalloc(&sws, sws_bytes));
+                        const Timing tt = time_runs(runs, copies, [&](int c) {
+                            as.key_pool = cs[c].kpool;
+                            as.value_pool = cs[c].vpool;
+                            as.key_pages = cs[c].kpages;
+                            as.value_pages = cs[c].vpages;
+                            kvq::cuda::launch_decode_attention(as, g_stream, sws, sws_bytes);
+                        });
+                        KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                        KVQ_CUDA_CHECK(cudaFree(sws));
+                        const int nm = (T + ch - 1) / ch;
+                        const double sbytes = bytes - partial_bytes +
+                                              2.0 * batch * H * kvq::cuda::detail::dec_plan(as).n_parts * (d + 2) * 4.0;
+                        std::printf("sweep: %s batch %d T %d chunk %d: %d CTAs, %.1f us, %.0f%% copy\n", name.c_str(),
+                                    batch, T, ch, nm * batch * H, tt.graph_us,
+                                    100.0 * sbytes / (tt.graph_us * 1e3) / copy_gbs);
+                    }
+                }
+                if (!sweep && kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call with per-lane cp.async staging instead of bulk copies (same workspace).
                     kvq::cuda::DecodeAttentionArgs ab = a;
                     ab.tc_bulk_staging = false;
@@ -426,7 +456,7 @@ int main(int argc, char** argv) {
                     KVQ_CUDA_CHECK(cudaDeviceSynchronize());
                     rows.push_back({name + " [tensor cores, per-lane cp.async]", batch, T, bt, bytes});
                 }
-                if (kvq::cuda::detail::dec_plan(a).tc) {
+                if (!sweep && kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call on the CUDA-core kernel, for comparison.
                     kvq::cuda::DecodeAttentionArgs ac = a;
                     ac.cuda_core_only = true;
@@ -445,7 +475,7 @@ int main(int argc, char** argv) {
                                     bytes - partial_bytes + 2.0 * batch * H * n_chunks * (d + 2) * 4.0});
                     KVQ_CUDA_CHECK(cudaFree(cws));
                 }
-                if (cfg == 0) {
+                if (cfg == 0 && !sweep) {
                     // Reference point: the scores alone (qjl_score.cuh, fp32 scores written) on the same key pools.
                     kvq::cuda::QjlScoreArgs sa;
                     kvq::cuda::set_qjl_codec(sa, qjl, B);
@@ -497,7 +527,7 @@ int main(int argc, char** argv) {
                 }
                 KVQ_CUDA_CHECK(cudaFree(ws));
 
-                if (cfg == 0) {
+                if (cfg == 0 && !sweep) {
                     // fp16 baseline on the same shape (same chunking and combine kernel).
                     const std::size_t kvbytes = std::size_t(batch) * H * T * d * 2;
                     const double fbytes =

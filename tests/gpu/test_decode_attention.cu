@@ -75,7 +75,6 @@ struct DecCase {
     int expect_tc = -1;      // 1 / 0: assert that the tensor-core path is / is not taken
     bool bulk = false;       // DecodeAttentionArgs::tc_bulk_staging (the library's default is true)
     bool cuda_core = false;  // DecodeAttentionArgs::cuda_core_only
-    bool pdl = false;        // DecodeAttentionArgs::tc_pdl (QJL, G = 1, d = 128: programmatic dependent launch)
 };
 
 std::string describe(const DecCase& c) {
@@ -86,8 +85,8 @@ std::string describe(const DecCase& c) {
         " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
         " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
         (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + (c.bulk ? " bulk" : "") +
-        (c.cuda_core ? " cuda_core_only" : "") + (c.pdl ? " pdl" : "") + " q*" + std::to_string(c.qscale) + " v*" +
-        std::to_string(c.vscale) + " lens=";
+        (c.cuda_core ? " cuda_core_only" : "") + " q*" + std::to_string(c.qscale) + " v*" + std::to_string(c.vscale) +
+        " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -287,7 +286,6 @@ void run_case(const DecCase& c) {
     kvq::cuda::DecodeAttentionArgs a;
     a.tc_bulk_staging = c.bulk;
     a.cuda_core_only = c.cuda_core;
-    a.tc_pdl = c.pdl;
     a.head_dim = d;
     a.n_q_heads = Hq;
     a.n_kv_heads = H;
@@ -540,34 +538,6 @@ TEST(DecodeAttentionGpu, TensorCorePathBulkStaging) {
     g.expect_tc = 1;
     g.bulk = true;
     g.graph = true;
-    run_case(g);
-}
-
-// DecodeAttentionArgs::tc_pdl: the QJL kernel (G = 1, d = 128) as a programmatic dependent launch of the
-// query quantisation, every value width, K-step count, both stagings, chunk splits, windows, the
-// current token, and a graph replay (the dependency must survive capture).
-TEST(DecodeAttentionGpu, TensorCorePathProgrammaticLaunch) {
-    struct S {
-        int m, vbits, vgroup, B, chunk;
-        bool bulk;
-    };
-    const S shapes[] = {{256, 2, 32, 64, 0, true},    {256, 2, 32, 64, 256, false}, {512, 4, 64, 128, 0, true},
-                        {1024, 8, 64, 64, 512, true}, {192, 4, 128, 16, 0, false},  {64, 2, 32, 256, 256, true}};
-    for (const S& sh : shapes) {
-        DecCase c = qjl_case(128, sh.m, sh.vbits, 1, {4999, 1, 2048, 64});
-        c.vgroup = sh.vgroup;
-        c.B = sh.B;
-        c.chunk = sh.chunk;
-        c.bulk = sh.bulk;
-        c.expect_tc = 1;
-        c.pdl = true;
-        run_case(c);
-    }
-    DecCase g = qjl_case(128, 256, 2, 1, {3000, 77, 640});
-    g.expect_tc = 1;
-    g.bulk = true;
-    g.graph = true;
-    g.pdl = true;
     run_case(g);
 }
 

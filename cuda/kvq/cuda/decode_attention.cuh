@@ -48,6 +48,7 @@
 
 #include "kvq/core/half.hpp"
 #include "kvq/cuda/check.cuh"
+#include "kvq/cuda/mma.cuh"
 #include "kvq/cuda/qjl_score.cuh"
 #include "kvq/quant/codec.hpp"
 
@@ -113,10 +114,6 @@ struct DecodeAttentionArgs {
     // tokens (decode_attention_tc.cuh); false: per-lane 16-byte cp.async (A/B comparisons, tests).
     // Bulk staging is 1.16x faster at 64k tokens, batch 1, and 1.29x at batch 8 (H100, bench/RESULTS.md).
     bool tc_bulk_staging = true;
-    // Opt-in, not yet measured: QJL keys, G = 1, d = 128 on sm_90+ (ignored otherwise): the tensor-core
-    // kernel is a programmatic dependent launch of the query quantisation; it issues its first tiles'
-    // copies, then waits for the query records (decode_tc_kernel's PDL). Outputs bit-identical.
-    bool tc_pdl = false;
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).
@@ -191,20 +188,32 @@ inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
     if (a.chunk_tokens > 0) {
         p.chunk = a.chunk_tokens;
     } else {
-        // Chunks per (sequence, KV head) such that the CTAs fill whole waves of the kernel's resident
-        // CTAs (tc_ctas_per_sm per SM): the best wave efficiency, fewer chunks on ties.
+        // Chunks per (sequence, KV head) from a cost model fitted to a sweep of every candidate on an
+        // H100 (bench_gpu_decode --sweep, 3 configurations x batch 1 / 8 x T 4k / 16k / 64k; it picks the
+        // fastest chunk in all 18, the wave-efficiency rule it replaces was up to 45% slower). The busiest SM
+        // runs k = ceil(CTAs / SMs) CTAs, cps at a time; a round of c CTAs of L positions costs
+        // max(c, 2.5) L bytes_per_position (one CTA alone streams at about 1 / 2.5 of an SM's share of
+        // bandwidth) plus 150 KB of streaming (a CTA's start and drain: its pipeline fill, the warps'
+        // merge), and each chunk adds 20 KB (the combine's serial pass over its partials).
         int dev = 0, sms = 132;
         if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-        const long long slots = static_cast<long long>(std::max(1, tc_ctas_per_sm(a))) * (sms > 0 ? sms : 132);
+        if (sms <= 0) sms = 132;
+        const long long cps = std::max(1, tc_ctas_per_sm(a));
         const long long heads = static_cast<long long>(a.batch) * a.n_kv_heads, T = a.max_tokens > 0 ? a.max_tokens : 1;
-        long long best_chunk = (T + 255) / 256 * 256;
-        double best_eff = -1;
+        const double bpp = double(a.key_block_bytes) / double(a.key_layout.block_tokens) +
+                           double(a.value_block_bytes) / double(a.value_layout.block_tokens);
+        constexpr double kSoloShare = 2.5, kRoundBytes = 150e3, kChunkBytes = 20e3;
+        long long best_chunk = 0;
+        double best_cost = 0;
         for (long long want = 1; want <= 64; ++want) {
             const long long chunk = std::max<long long>(256, ((T + want - 1) / want + 255) / 256 * 256);
-            const long long ctas = heads * ((T + chunk - 1) / chunk);
-            const double eff = double(ctas) / double((ctas + slots - 1) / slots * slots);
-            if (eff > best_eff + 0.02) {
-                best_eff = eff;
+            const long long nch = (T + chunk - 1) / chunk, k = (heads * nch + sms - 1) / sms;
+            const double round = double(std::min(chunk, T)) * bpp;
+            double cost = double(k / cps) * (std::max(double(cps), kSoloShare) * round + kRoundBytes);
+            if (k % cps) cost += std::max(double(k % cps), kSoloShare) * round + kRoundBytes;
+            cost += kChunkBytes * double(nch);
+            if (best_chunk == 0 || cost < best_cost) {  // ties: the larger chunk (found first)
+                best_cost = cost;
                 best_chunk = chunk;
             }
             if (chunk == 256) break;
@@ -280,8 +289,6 @@ template <int BITS>
 __device__ __forceinline__ void dec_load_unit(const std::uint8_t* codes, int u, float v[8]) {
     dec_expand<BITS>(dec_raw_unit<BITS>(codes, u), v);
 }
-
-__device__ __forceinline__ void dec_prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" ::"l"(p)); }
 
 __device__ __forceinline__ float dec_half(const std::uint8_t* p, std::size_t i) {
     return ::kvq::half_to_float(::kvq::half_t{__ldg(reinterpret_cast<const unsigned short*>(p) + i)});
@@ -431,8 +438,8 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
                 const std::uint8_t* blk = a.value_pool + std::size_t(__ldg(vpages + (p >> vsh))) * a.value_block_bytes;
                 qjl_prefetch_l1(blk + std::size_t(t) * a.value_layout.code_bytes, a.value_layout.code_bytes);
                 const std::uint8_t* side = blk + a.value_layout.token_side_offset();
-                dec_prefetch_l1(side + std::size_t(t) * vng * 2);
-                dec_prefetch_l1(side + (std::size_t(VB) * vng + std::size_t(t) * vng) * 2);
+                tc::prefetch_l1(side + std::size_t(t) * vng * 2);
+                tc::prefetch_l1(side + (std::size_t(VB) * vng + std::size_t(t) * vng) * 2);
             }
             // 1. Scores: one position per thread.
             {
@@ -531,7 +538,7 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
                     const int t = (pn & (KB - 1));
                     const std::uint8_t* blk = a.key_pool + std::size_t(__ldg(kpages + (pn >> ksh))) * a.key_block_bytes;
                     qjl_prefetch_l1(blk + std::size_t(t) * a.key_layout.code_bytes, a.key_layout.code_bytes);
-                    dec_prefetch_l1(blk + a.key_layout.token_side_offset() +
+                    tc::prefetch_l1(blk + a.key_layout.token_side_offset() +
                                     std::size_t(t) * a.key_layout.token_side_bytes);
                 }
             }
@@ -799,22 +806,9 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
                                                                     accp);
             KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel");
         };
-        int cc_major = 0, dev = 0;
-        KVQ_CUDA_CHECK(cudaGetDevice(&dev));
-        KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
-        const bool pdl = a.tc_pdl && cc_major >= 9 && a.key_format == KeyFormat::Qjl && G == 1 && a.head_dim == 128;
-        auto tlaunch_pdl = [&](auto kernel) {  // after qjl_quantize_query_kernel (QJL keys only)
-            KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tsmem)));
-            detail::qjl_launch_dependent(kernel, tgrid, detail::kTcWarps * 32, tsmem, stream, a, qrec, plan.chunk,
-                                         plan.n_parts, stages, ml, accp);
-            KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel<PDL>");
-        };
         // Template arguments: head dim, value bits, G, key bits (0 = QJL).
         auto with_g = [&](auto d_c, auto vb_c, auto kb_c) {
             constexpr int Dc = decltype(d_c)::value, VBc = decltype(vb_c)::value, KBc = decltype(kb_c)::value;
-            if constexpr (Dc == 128 && KBc == 0) {
-                if (pdl) return tlaunch_pdl(detail::decode_tc_kernel<Dc, VBc, 1, KBc, true>);
-            }
             switch (G) {
                 case 1: tlaunch(detail::decode_tc_kernel<Dc, VBc, 1, KBc>); break;
                 case 2: tlaunch(detail::decode_tc_kernel<Dc, VBc, 2, KBc>); break;

@@ -76,23 +76,6 @@
 //  * the value mma of a step runs without a branch (steps past the tile's end have weights 0).
 // Token-wise keys (KBITS > 0) and G > 1 take the general body.
 #include <type_traits>
-// KVQ_TC_INT_3CTA (default 0): 3 CTAs per SM instead of 2 for int4 keys and values at d = 128, G = 1
-// (decode_tc_kernel<128, 4, 1, 4>, plain or WKV), whose registers already allow 3 (tc_min_ctas). Why:
-// with key and value groups of 32 a CTA needs 84,160 bytes of shared memory (2 stages x 4 warps x
-// 10,240 + merge buffers), so only 2 CTAs (8 warps) fit an SM, and Nsight Compute shows that kernel
-// latency bound (DRAM 67%, a warp issues every ~4.6 cycles); 3 CTAs need <= 75 KB each. Under it:
-//  * the warps' merge buffers (red, mred, mls) and the setup's qp / qe lie in the stage buffers, which
-//    are idle then (one more CTA barrier before the merge, a proxy fence before the first bulk copy);
-//  * where staging them would still leave fewer than 3 CTAs (tc_int3_keys_global: key + value groups
-//    per head > 5, e.g. g32 / g32), the key steps and minima are not staged: the issue prefetches
-//    their lines into L1 and the fold reads them from the key block a tile later (the tile's page ids
-//    stay in registers), 1 KB less per stage at g32. The fold's loads are generic (shared or global).
-// Int4 g32 K + V: 73,824 bytes per CTA, 3 CTAs per SM. Same arithmetic (the same fp16 steps and minima
-// enter the same operations), so the outputs do not change. Unmeasured: if the L1 (28 KB next to
-// 3 x 73 KB of shared memory) drops the prefetched lines, each 16-position step waits on L2 once.
-#ifndef KVQ_TC_INT_3CTA
-#define KVQ_TC_INT_3CTA 0
-#endif
 
 namespace kvq::cuda::detail {
 
@@ -114,30 +97,11 @@ struct TcStage {
         return s;
     }
 };
-// KVQ_TC_INT_3CTA: the kernels that put the merge buffers in the stages, and among their shapes those that also
-// leave the key steps and minima in global memory: only where staging them gives fewer than 3 CTAs per SM with
-// 2 stages (the other shapes keep the staging, whose reads do not wait on L1/L2). Kernel and host sizing must
-// agree, so both ask here.
-template <int D, int VBITS, int G, int KBITS>
-__host__ __device__ constexpr bool tc_int3_layout() {
-    return KVQ_TC_INT_3CTA != 0 && KBITS == 4 && VBITS == 4 && G == 1 && D == 128;
-}
-inline bool tc_int3_layout(const DecodeAttentionArgs& a) {
-    return KVQ_TC_INT_3CTA != 0 && a.key_format != KeyFormat::Qjl && a.key_bits == 4 && a.value_bits == 4 &&
-           a.n_q_heads == a.n_kv_heads && a.head_dim == 128;
-}
-__host__ __device__ inline bool tc_int3_keys_global(int kcb, int d, int vbits, int kng, int vng) {
-    // tc_smem_bytes_for at G = 1 with the key side staged: stages, barriers, ktab (merge in the stages).
-    const int staged = kTcWarps * 2 * TcStage::of(kcb, 4 * kng, d, vbits, vng).bytes + 8 * kTcWarps * 2 + 4 * 2 * kng;
-    return (228 * 1024) / (staged + 1024) < 3;
-}
-
 inline TcStage tc_stage(const DecodeAttentionArgs& a) {
     const int d = a.head_dim;
     const bool qjl = a.key_format == KeyFormat::Qjl;
     const int kcb = qjl ? a.qjl_m / 8 : d * a.key_bits / 8, kng = qjl ? 0 : d / a.key_group, vng = d / a.value_group;
-    const bool kglob = !qjl && tc_int3_layout(a) && tc_int3_keys_global(kcb, d, a.value_bits, kng, vng);
-    return TcStage::of(kcb, qjl ? 2 : (kglob ? 0 : 4 * kng), d, a.value_bits, vng);
+    return TcStage::of(kcb, qjl ? 2 : 4 * kng, d, a.value_bits, vng);
 }
 
 __device__ __forceinline__ float tc_pow2(int e) {  // 2^e for e in [-126, 127]; 0 below
@@ -146,8 +110,6 @@ __device__ __forceinline__ float tc_pow2(int e) {  // 2^e for e in [-126, 127]; 
 __device__ __forceinline__ float tc_exp(float x) {  // e^x, ex2.approx (2 ulp); exp(-inf) = 0
     return exp2f(x * 1.4426950408889634f);
 }
-// The line of p into L1 (KVQ_TC_INT_3CTA: key steps and minima, read with plain loads a tile later).
-__device__ __forceinline__ void tc_prefetch_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];\n" ::"l"(p)); }
 
 // Lane's d/8 channels of the codes of two positions (x0, x1: CB bits each, as 32-bit words) to the
 // A registers of the (h, j) rows: out[h][j] holds {code(P_lo), code(P_hi)} as fp16 subnormals.
@@ -272,10 +234,7 @@ __device__ __forceinline__ void tc_load_qrec(const std::uint32_t* qrec, int b, i
     }
 }
 
-// PDL (DecodeAttentionArgs::tc_pdl; QJL keys, G = 1, d = 128 only): launched as a programmatic dependent
-// of the query quantisation, the kernel issues its first stages' copies (they do not depend on the
-// query), then waits (griddepcontrol.wait: every thread, before any read of qrec) and loads the records.
-template <int D, int VBITS, int G, int KBITS, bool PDL = false>
+template <int D, int VBITS, int G, int KBITS>
 __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     decode_tc_kernel(DecodeAttentionArgs a, const std::uint32_t* qrec, int chunk, int n_parts, int n_stages,
                      float* part_ml, float* part_acc) {
@@ -297,19 +256,15 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     const int vg = a.value_group, vng = D / vg, vcb = D * VBITS / 8;
     const int kv = blockIdx.y, b = blockIdx.z, c = blockIdx.x;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    // KVQ_TC_INT_3CTA: merge buffers in the stages; kglob: key steps and minima read from global memory.
-    constexpr bool kInt3 = tc_int3_layout<D, VBITS, G, KBITS>();
-    const bool kglob = kInt3 && tc_int3_keys_global(kcb, D, VBITS, kng, vng);
-    const TcStage st = TcStage::of(kcb, kglob ? 0 : (kQjl ? 1 : 2) * kspp, D, VBITS, vng);
+    const TcStage st = TcStage::of(kcb, (kQjl ? 1 : 2) * kspp, D, VBITS, vng);
     std::uint8_t* wsm = smem + std::size_t(warp) * n_stages * st.bytes;
     std::uint8_t* const stages_end = smem + std::size_t(kTcWarps) * n_stages * st.bytes;
-    float* red = reinterpret_cast<float*>(kInt3 ? smem : stages_end);  // [W][G][D]
-    float* mred = red + kTcWarps * G * D;                              // [W][G][4]
-    float* mls = mred + kTcWarps * G * 4;                              // [W][G][2]
+    float* red = reinterpret_cast<float*>(stages_end);  // [W][G][D]
+    float* mred = red + kTcWarps * G * D;               // [W][G][4]
+    float* mls = mred + kTcWarps * G * 4;               // [W][G][2]
     // [W][n_stages] stage barriers of the bulk-copy staging (8-byte aligned: everything before it is
     // a multiple of 8 bytes).
-    std::uint64_t* mbar0 =
-        reinterpret_cast<std::uint64_t*>(kInt3 ? stages_end : reinterpret_cast<std::uint8_t*>(mls + kTcWarps * G * 2));
+    std::uint64_t* mbar0 = reinterpret_cast<std::uint64_t*>(mls + kTcWarps * G * 2);
     std::uint64_t* mbar = mbar0 + warp * n_stages;
     // Token-wise keys: [G][kng] per-group query sums (the minimum term), then [G][kng] the factors that
     // take a group's accumulator back to sum q' c (2^-E and the A operand's unit).
@@ -344,11 +299,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 #endif
 
     // QJL: query planes of the G heads (B operands of the BMMA), the scale and usum.
-    static_assert(!PDL || kQjl, "the programmatic dependent launch follows the QJL query quantisation");
     std::uint32_t bq[kQjl ? G : 1][4][2];
     float cs[G];
     int usum[G];
-    if constexpr (kQjl && !PDL) tc_load_qrec<G>(qrec, b, Hq, kv, m, g, t, bq, cs, usum);
+    if constexpr (kQjl) tc_load_qrec<G>(qrec, b, Hq, kv, m, g, t, bq, cs, usum);
     const int wt0 = 2 * t < 7 ? (1 << (2 * t)) : -128, wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const float scale = 1.0f / sqrtf(static_cast<float>(D));
 
@@ -365,7 +319,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
     }
     float lusum = 0.f;  // usum as float, exact (|usum| <= 127 m)
-    if constexpr (kQjl && !PDL) lusum = static_cast<float>(usum[0]);
+    if constexpr (kQjl) lusum = static_cast<float>(usum[0]);
     const int lk_off = st.kc + g * kcb + 8 * t;    // key row g of step 0, this lane's 8 bytes
     const int lkn_off = st.kn + 2 * (16 * t + g);  // norm of position 16t + g
 
@@ -442,10 +396,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             if (lo_b) hv = tc::pack_half2(xv[0] - tc::half_lo_to_float(hv), xv[1] - tc::half_hi_to_float(hv));
             bk[j] = hv;
         }
-#if defined(KVQ_TC_HAS_BULK_COPY)
-        // kInt3: qp and qe lie in warp 0's first stage, which its bulk copies (async proxy) overwrite next.
-        if constexpr (kInt3) tc::fence_proxy_async_smem();
-#endif
         __syncthreads();  // qp and qe (in red) are read; the warps may now reach the merge
     }
 
@@ -495,14 +445,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 #if defined(KVQ_TC_HAS_BULK_COPY)
         if (bulk) {
             const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, 0), vpg = __shfl_sync(0xffffffffu, pg, 4);
-            if (kglob && k < my_tiles) {
-                // Key steps (lanes 0..15) and minima (16..31): their <= 9 lines each into L1, where the fold
-                // reads them a tile later (bytes - 1 covers the last line of a range not 128-byte aligned).
-                const int p0 = tile_pos(k), bytes = 16 * min(4, (c_end - p0) / 16) * kspp, j = lane & 15;
-                const std::uint8_t* ks = a.key_pool + std::size_t(kpg) * a.key_block_bytes + kside +
-                                         std::size_t((lane >> 4) * KB + (p0 & (KB - 1))) * kspp;
-                if (128 * (j - 1) < bytes) tc_prefetch_l1(ks + min(128 * j, bytes - 1));
-            }
             if (k < my_tiles && lane == 0) {
                 std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
                 const int p0 = tile_pos(k), np = 16 * min(4, (c_end - p0) / 16);
@@ -512,16 +454,11 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                 const unsigned kbytes = np * kcb, nbytes = np * kspp, vbytes = np * vcb, sbytes = np * vng * 2;
                 std::uint64_t* bar = mbar + stage;
                 tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
-                if (kglob) {                   // key steps and minima: prefetched to L1 above
-                    tc::mbar_arrive_expect_tx(bar, kbytes + vbytes + 2 * sbytes);
-                    tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
-                } else {
-                    tc::mbar_arrive_expect_tx(bar, kbytes + (kQjl ? 1 : 2) * nbytes + vbytes + 2 * sbytes);
-                    tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
-                    tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * kspp, nbytes, bar);
-                    if constexpr (!kQjl)  // key minima
-                        tc::bulk_g2s(s + st.kn + kTcTile * kspp, kb + kside + std::size_t(KB + tk) * kspp, nbytes, bar);
-                }
+                tc::mbar_arrive_expect_tx(bar, kbytes + (kQjl ? 1 : 2) * nbytes + vbytes + 2 * sbytes);
+                tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
+                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * kspp, nbytes, bar);
+                if constexpr (!kQjl)  // key minima
+                    tc::bulk_g2s(s + st.kn + kTcTile * kspp, kb + kside + std::size_t(KB + tk) * kspp, nbytes, bar);
                 tc::bulk_g2s(s + st.vc, vb + std::size_t(tv) * vcb, vbytes, bar);
                 tc::bulk_g2s(s + st.vs, vb + vside + std::size_t(tv) * vng * 2, sbytes, bar);
                 tc::bulk_g2s(s + st.vs + kTcTile * vng * 2, vb + vside + std::size_t(VB + tv) * vng * 2, sbytes, bar);
@@ -545,11 +482,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                 if constexpr (kQjl) {
                     if (lane < 2)
                         tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
-                } else if (kglob) {  // steps and minima only into L1 (read by the fold from there)
-                    for (int q = lane; q < 2 * kspp; q += 32) {
-                        const int half = q >= kspp, qq = half ? q - kspp : q;
-                        tc_prefetch_l1(kb + kside + std::size_t(half) * KB * kspp + std::size_t(tk) * kspp + 16 * qq);
-                    }
                 } else {  // steps then minima: 16 positions x kng fp16 = kspp 16-byte chunks each
                     for (int q = lane; q < 2 * kspp; q += 32) {
                         const int half = q >= kspp, qq = half ? q - kspp : q;
@@ -568,27 +500,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
         tc::cp_async_commit();
     };
-    // kInt3: page ids of tiles k and k + 1 (the fold reads the key side from the key blocks of tile k).
-    std::uint32_t pg_t0 = 0u, pg_t1 = 0u;
-    if constexpr (kInt3) {
-        for (int k = 0; k < n_stages - 1; ++k) {
-            const std::uint32_t pg = load_pages(k);
-            if (k == 0)
-                pg_t0 = pg;
-            else
-                pg_t1 = pg;
-            issue(k, pg, k);
-        }
-    } else {
-        for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
-    }
-    if constexpr (PDL) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-        tc_load_qrec<G>(qrec, b, Hq, kv, m, g, t, bq, cs, usum);
-        lusum = static_cast<float>(usum[0]);
-    }
+    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
     std::uint32_t pg_next = load_pages(n_stages - 1);
     int rd_stage = 0, wr_stage = n_stages - 1;  // stages of tiles k and k + n_stages - 1
     unsigned rd_parity = 0;                     // (k / n_stages) & 1: phase of tile k's stage barrier
@@ -608,16 +520,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                 tc::cp_async_wait<0>();
         }
         __syncwarp();
-        std::uint32_t pg_rd = 0u;  // kInt3: page ids of tile k
-        if constexpr (kInt3) {
-            pg_rd = pg_t0;
-            if (n_stages == 3) {
-                pg_t0 = pg_t1;
-                pg_t1 = pg_next;
-            } else {
-                pg_t0 = pg_next;
-            }
-        }
         issue(k + n_stages - 1, pg_next, wr_stage);
         pg_next = load_pages(k + n_stages);
         const std::uint8_t* s = wsm + std::size_t(rd_stage) * st.bytes;
@@ -750,25 +652,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             // steps >= ns only give scores that are replaced by -inf.
 #pragma unroll
             for (int sp = 0; sp < 4; ++sp) {
-                // kInt3: the steps of row g, either in the stage or (kglob) in the steps array [KB][kng] of the
-                // step's key block, and the distance kmo of the minima. Steps past the tile's end read the last
-                // valid step's side data (their scores are replaced by -inf).
-                const unsigned short* kgs = nullptr;
-                int kmo = 0;
-                if constexpr (kInt3) {
-                    if (kglob) {
-                        const int sv = min(sp, ns - 1), p = tile_pos(k) + 16 * sv;
-                        const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg_rd, sv);
-                        kgs =
-                            reinterpret_cast<const unsigned short*>(a.key_pool + std::size_t(kpg) * a.key_block_bytes +
-                                                                    kside + std::size_t(p & (KB - 1)) * kspp) +
-                            g * kng;
-                        kmo = KB * kng;
-                    } else {
-                        kgs = kst + (16 * sp + g) * kng;
-                        kmo = kTcTile * kng;
-                    }
-                }
                 std::uint32_t w0[KNW], w1[KNW];
                 tc_load_words<KCK>(s + st.kc + (16 * sp + g) * kcb + t * KCK, w0);
                 tc_load_words<KCK>(s + st.kc + (16 * sp + g + 8) * kcb + t * KCK, w1);
@@ -796,18 +679,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                                 const float us = kval[e] ? ktab[G * kng + ktix[e] + sg] : 0.f;
                                 const float qs = kval[e] && khi ? ktab[ktix[e] + sg] : 0.f;
                                 const float d0 = kacc[0][e] + kacc[1][e], d1 = kacc[0][2 + e] + kacc[1][2 + e];
-                                if constexpr (kInt3) {  // generic loads: shared or global memory
-                                    const int q0 = kgrp[e] + sg, q1 = q0 + 8 * kng;
-                                    pe[e][0] = fmaf(__half2float(__ushort_as_half(kgs[q0])) * us, d0, pe[e][0]);
-                                    pe[e][1] = fmaf(__half2float(__ushort_as_half(kgs[q1])) * us, d1, pe[e][1]);
-                                    pe[e][0] = fmaf(__half2float(__ushort_as_half(kgs[kmo + q0])), qs, pe[e][0]);
-                                    pe[e][1] = fmaf(__half2float(__ushort_as_half(kgs[kmo + q1])), qs, pe[e][1]);
-                                } else {
-                                    pe[e][0] = fmaf(__half2float(__ushort_as_half(kst[p0])) * us, d0, pe[e][0]);
-                                    pe[e][1] = fmaf(__half2float(__ushort_as_half(kst[p1])) * us, d1, pe[e][1]);
-                                    pe[e][0] = fmaf(__half2float(__ushort_as_half(kmn[p0])), qs, pe[e][0]);
-                                    pe[e][1] = fmaf(__half2float(__ushort_as_half(kmn[p1])), qs, pe[e][1]);
-                                }
+                                pe[e][0] = fmaf(__half2float(__ushort_as_half(kst[p0])) * us, d0, pe[e][0]);
+                                pe[e][1] = fmaf(__half2float(__ushort_as_half(kst[p1])) * us, d1, pe[e][1]);
+                                pe[e][0] = fmaf(__half2float(__ushort_as_half(kmn[p0])), qs, pe[e][0]);
+                                pe[e][1] = fmaf(__half2float(__ushort_as_half(kmn[p1])), qs, pe[e][1]);
                             }
 #pragma unroll
                             for (int r = 0; r < 4; ++r) kacc[0][r] = kacc[1][r] = 0.f;
@@ -888,21 +763,18 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             };
             using std::integral_constant;
             // tc_supported: G vng <= 4 and vng = d / value_group with value_group | d: vng is 1, 2 or 4.
-            if (ns == 4) {
+            auto by_groups = [&](auto full) {
                 if (vng == 4)
-                    wts(integral_constant<int, 4>{}, std::true_type{});
+                    wts(integral_constant<int, 4>{}, full);
                 else if (vng == 2)
-                    wts(integral_constant<int, 2>{}, std::true_type{});
+                    wts(integral_constant<int, 2>{}, full);
                 else
-                    wts(integral_constant<int, 1>{}, std::true_type{});
-            } else {
-                if (vng == 4)
-                    wts(integral_constant<int, 4>{}, std::false_type{});
-                else if (vng == 2)
-                    wts(integral_constant<int, 2>{}, std::false_type{});
-                else
-                    wts(integral_constant<int, 1>{}, std::false_type{});
-            }
+                    wts(integral_constant<int, 1>{}, full);
+            };
+            if (ns == 4)
+                by_groups(std::true_type{});
+            else
+                by_groups(std::false_type{});
         }
 #pragma unroll
         for (int sp = 0; sp < (kLean ? 0 : 4); ++sp) {  // lean: done in 3'
@@ -1020,7 +892,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     tc::cp_async_wait<0>();
 
     // 5. Merge the warps of the CTA and write the chunk's partial per head.
-    if constexpr (kInt3) __syncthreads();  // red lies in the stages: every warp is past its last tile
     for (int i = threadIdx.x; i < kTcWarps * G * (D + 4); i += blockDim.x) red[i] = 0.f;  // red and mred
     __syncthreads();
 #pragma unroll
@@ -1076,9 +947,7 @@ inline std::size_t tc_smem_bytes_for(const DecodeAttentionArgs& a, int G, int st
     const std::size_t ktab = a.key_format == KeyFormat::Qjl ? 0 : 2 * std::size_t(G) * (a.head_dim / a.key_group);
     const std::size_t merge = sizeof(float) * std::size_t(kTcWarps) * G * (std::size_t(a.head_dim) + 4 + 2);
     const std::size_t stage_all = std::size_t(kTcWarps) * stages * sb;
-    // KVQ_TC_INT_3CTA: the merge buffers (4 (d + 6) floats at G = 1) lie in the stages (>= 2 x 4 x 64 d bytes).
-    return (tc_int3_layout(a) ? stage_all : stage_all + merge) +
-           sizeof(std::uint64_t) * std::size_t(kTcWarps) * stages +  // stage barriers
+    return stage_all + merge + sizeof(std::uint64_t) * std::size_t(kTcWarps) * stages +  // stage barriers
            sizeof(float) * ktab;
 }
 inline int tc_pick_stages(const DecodeAttentionArgs& a) {
@@ -1099,8 +968,7 @@ inline std::size_t tc_smem_bytes(const DecodeAttentionArgs& a, int G) {
 }
 // CTAs of decode_tc_kernel per SM on an H100/H200 (228 KB shared memory per SM, 1 KB reserved per CTA):
 // the smaller of the launch bound's (register) residency and the shared-memory one. For a wave model
-// of the chunk split (dec_plan): QJL + int2 and WKV int4 g128 (d 128, G 1) give 3, int4 g32 K + V 2
-// (3 with KVQ_TC_INT_3CTA).
+// of the chunk split (dec_plan): QJL + int2 and WKV int4 g128 (d 128, G 1) give 3, int4 g32 K + V 2.
 inline int tc_ctas_per_sm(const DecodeAttentionArgs& a) {
     const int G = a.n_q_heads / a.n_kv_heads;
     const int by_regs = a.key_format == KeyFormat::Qjl
