@@ -705,6 +705,14 @@ TEST(DecodeAttentionGpu, SplitKChunksAndEmptySequences) {
     q.lens = {5, 0, 300};  // a sequence with nothing to attend: output 0
     q.chunk = 0;
     run_case(q);
+    // More parts than the combine kernel's threads (head_dim): it merges them in batches, rescaling
+    // the earlier batches' sums (d 64: 79 parts; d 128: 158 parts).
+    DecCase w = int_case(64, 4, 4, 1, {20000, 7, 700});
+    w.chunk = 256;
+    run_case(w);
+    DecCase p = qjl_case(128, 256, 2, 1, {40300, 0, 1300});
+    p.chunk = 256;
+    run_case(p);
 }
 
 // WKVQuant 4-bit K and V (token-wise, g = d) with the static smoothing folded into q and the output.

@@ -650,23 +650,66 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
 // Stage: exact merge of the partials. grid (n_q_heads, batch), head_dim threads. With used_all, every
 // one of the n_parts slots was written (empty ones as max -inf, sum 0); otherwise the first
 // ceil(total / chunk).
+// blockDim.x = head_dim threads, one per output channel. The parts' (m, l) pairs are staged in
+// shared memory by one load per thread and their weights e^{m_i - M} computed once per part, so the
+// channel sums are independent loads (unrolled) instead of a chain of dependent round trips per
+// part. Measured (ncu, QJL batch 1 at 64k, 13 parts): 9.15 -> 8.29 us, less than hoped: the kernel
+// is mostly launch and DRAM latency, not the chain. Batches of blockDim.x parts; with one batch the
+// sums are those of the two-pass formula above in the same order.
 __global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_parts, int used_all, const float* part_ml,
                                       const float* part_acc) {
-    const int hq = blockIdx.x, b = blockIdx.y, d = a.head_dim, ch = threadIdx.x;
+    __shared__ float s_e[256], s_l[256];
+    __shared__ float s_m;
+    const int hq = blockIdx.x, b = blockIdx.y, d = a.head_dim, ch = threadIdx.x, nb = blockDim.x;
     const std::size_t head = std::size_t(b) * a.n_q_heads + hq;
     const int total = __ldg(a.n_tokens + b) + (a.cur_k != nullptr ? 1 : 0);
     const int used = used_all ? n_parts : min(n_parts, (total + chunk - 1) / chunk);
-    float M = -INFINITY;
-    for (int i = 0; i < used; ++i) M = fmaxf(M, part_ml[(head * n_parts + i) * 2]);
-    float L = 0.f, o = 0.f;
-    if (M > -INFINITY)
-        for (int i = 0; i < used; ++i) {
-            const float mi = part_ml[(head * n_parts + i) * 2];
-            if (mi == -INFINITY) continue;
-            const float e = expf(mi - M);
-            L = fmaf(e, part_ml[(head * n_parts + i) * 2 + 1], L);
-            o = fmaf(e, part_acc[(head * n_parts + i) * d + ch], o);
+    const float* ml = part_ml + head * n_parts * 2;
+    const float* acc = part_acc + head * n_parts * d + ch;
+    float M = -INFINITY, L = 0.f, o = 0.f;
+    for (int base = 0; base < used; base += nb) {
+        const int cnt = min(nb, used - base);
+        float mi = -INFINITY, li = 0.f;
+        if (ch < cnt) {
+            const float2 v = *reinterpret_cast<const float2*>(ml + 2 * (base + ch));
+            mi = v.x;
+            li = v.y;
         }
+        // The batch's maximum (a warp reduction, then across warps through s_e).
+        float bm = mi;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+        __syncthreads();  // the previous batch's s_e / s_l / s_m are consumed
+        if ((ch & 31) == 0) s_e[ch / 32] = bm;
+        __syncthreads();
+        if (ch == 0) {
+            float x = s_e[0];
+            for (int w = 1; w < nb / 32; ++w) x = fmaxf(x, s_e[w]);
+            s_m = x;
+        }
+        __syncthreads();
+        const float Mn = fmaxf(M, s_m);
+        if (Mn == -INFINITY) continue;  // every part so far empty (uniform across the block)
+        if (ch < cnt) {
+            s_e[ch] = mi == -INFINITY ? 0.f : expf(mi - Mn);
+            s_l[ch] = li;
+        }
+        __syncthreads();
+        if (M != Mn) {  // rescale what the earlier batches summed (M = -inf: nothing yet)
+            const float f = M == -INFINITY ? 0.f : expf(M - Mn);
+            L *= f;
+            o *= f;
+        }
+        M = Mn;
+#pragma unroll 8
+        for (int i = 0; i < cnt; ++i) {  // loads unconditional (in the workspace), so they overlap
+            const float e = s_e[i], v = acc[std::size_t(base + i) * d];
+            if (e != 0.f) {  // empty parts (m = -inf) leave no term, whatever their acc holds
+                L = fmaf(e, s_l[i], L);
+                o = fmaf(e, v, o);
+            }
+        }
+    }
     if (ch < d) {
         float r = L > 0.f ? o / L : 0.f;
         if (a.v_scale != nullptr) {
