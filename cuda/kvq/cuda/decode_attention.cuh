@@ -36,7 +36,9 @@
 //     a thread owns 8 channels of one position slot and accumulates GT x 8 floats. The chunk's
 //     (max, sum, acc[d]) per head goes to the workspace.
 //  2. decode_combine_kernel, grid (query heads, batch): merges the chunks exactly,
-//     M = max m_i, out = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i.
+//     M = max m_i, out = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i. After the tensor-core
+//     kernel with a single tail chunk (max_window_tokens <= 4080), the tail's CTAs do this merge
+//     themselves and there is no third launch.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -329,6 +331,88 @@ __device__ __forceinline__ void dec_score_tokenwise(const std::uint8_t* blk, con
 #pragma unroll
         for (int i = 0; i < GT; ++i) s[i] += st * dot[i] + mn * qsum[i * ng + grp];
     }
+}
+
+// Exact merge of the partials of query head hq of sequence b into a.out, by the whole block (every
+// thread calls it; threads ch < head_dim own one output channel each; blockDim.x <= 256 and a
+// multiple of 32). s_e, s_l: 256 floats of shared memory each, s_m: one. The parts' (m, l) pairs are
+// staged by one load per thread and their weights e^{m_i - M} computed once per part, so the channel
+// sums are independent loads (unrolled). Batches of blockDim.x parts; with one batch the sums are
+// those of M = max m_i, out = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i in order.
+__device__ __forceinline__ void dec_merge_head(const DecodeAttentionArgs& a, int hq, int b, int n_parts, int used,
+                                               const float* part_ml, const float* part_acc, float* s_e, float* s_l,
+                                               float* s_m) {
+    const int d = a.head_dim, ch = threadIdx.x, nb = blockDim.x;
+    const std::size_t head = std::size_t(b) * a.n_q_heads + hq;
+    const float* ml = part_ml + head * n_parts * 2;
+    const float* acc = part_acc + head * n_parts * d + ch;
+    float M = -INFINITY, L = 0.f, o = 0.f;
+    for (int base = 0; base < used; base += nb) {
+        const int cnt = min(nb, used - base);
+        float mi = -INFINITY, li = 0.f;
+        if (ch < cnt) {
+            const float2 v = *reinterpret_cast<const float2*>(ml + 2 * (base + ch));
+            mi = v.x;
+            li = v.y;
+        }
+        // The batch's maximum (a warp reduction, then across warps through s_e).
+        float bm = mi;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
+        __syncthreads();  // the previous batch's (or head's) s_e / s_l / s_m are consumed
+        if ((ch & 31) == 0) s_e[ch / 32] = bm;
+        __syncthreads();
+        if (ch == 0) {
+            float x = s_e[0];
+            for (int w = 1; w < nb / 32; ++w) x = fmaxf(x, s_e[w]);
+            *s_m = x;
+        }
+        __syncthreads();
+        const float Mn = fmaxf(M, *s_m);
+        if (Mn == -INFINITY) continue;  // every part so far empty (uniform across the block)
+        if (ch < cnt) {
+            s_e[ch] = mi == -INFINITY ? 0.f : expf(mi - Mn);
+            s_l[ch] = li;
+        }
+        __syncthreads();
+        if (M != Mn) {  // rescale what the earlier batches summed (M = -inf: nothing yet)
+            const float f = M == -INFINITY ? 0.f : expf(M - Mn);
+            L *= f;
+            o *= f;
+        }
+        M = Mn;
+        if (ch < d) {
+#pragma unroll 8
+            for (int i = 0; i < cnt; ++i) {  // loads unconditional (in the workspace), so they overlap
+                const float e = s_e[i], v = acc[std::size_t(base + i) * d];
+                if (e != 0.f) {  // empty parts (m = -inf) leave no term, whatever their acc holds
+                    L = fmaf(e, s_l[i], L);
+                    o = fmaf(e, v, o);
+                }
+            }
+        }
+    }
+    if (ch < d) {
+        float r = L > 0.f ? o / L : 0.f;
+        if (a.v_scale != nullptr) {
+            const std::size_t c = std::size_t(hq / (a.n_q_heads / a.n_kv_heads)) * d + ch;
+            r = fmaf(r, __ldg(a.v_scale + c), __ldg(a.v_shift + c));
+        }
+        a.out[head * d + ch] = r;
+    }
+}
+
+// Stage: exact merge of the partials. grid (n_q_heads, batch), head_dim threads. With used_all, every
+// one of the n_parts slots was written (empty ones as max -inf, sum 0); otherwise the first
+// ceil(total / chunk). Not launched when the tail kernel merges (one tail chunk, tensor-core path):
+// that saves a launch (8.3 us of ncu time at batch 1, 64k, QJL).
+__global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_parts, int used_all, const float* part_ml,
+                                      const float* part_acc) {
+    __shared__ float s_e[256], s_l[256], s_m;
+    const int b = blockIdx.y;
+    const int total = __ldg(a.n_tokens + b) + (a.cur_k != nullptr ? 1 : 0);
+    const int used = used_all ? n_parts : min(n_parts, (total + chunk - 1) / chunk);
+    dec_merge_head(a, blockIdx.x, b, n_parts, used, part_ml, part_acc, s_e, s_l, &s_m);
 }
 
 // Stage: split-K partial attention. See the header comment.
@@ -645,78 +729,13 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
             __syncthreads();
         }
     }
-}
-
-// Stage: exact merge of the partials. grid (n_q_heads, batch), head_dim threads. With used_all, every
-// one of the n_parts slots was written (empty ones as max -inf, sum 0); otherwise the first
-// ceil(total / chunk).
-// blockDim.x = head_dim threads, one per output channel. The parts' (m, l) pairs are staged in
-// shared memory by one load per thread and their weights e^{m_i - M} computed once per part, so the
-// channel sums are independent loads (unrolled) instead of a chain of dependent round trips per
-// part. Measured (ncu, QJL batch 1 at 64k, 13 parts): 9.15 -> 8.29 us, less than hoped: the kernel
-// is mostly launch and DRAM latency, not the chain. Batches of blockDim.x parts; with one batch the
-// sums are those of the two-pass formula above in the same order.
-__global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_parts, int used_all, const float* part_ml,
-                                      const float* part_acc) {
-    __shared__ float s_e[256], s_l[256];
-    __shared__ float s_m;
-    const int hq = blockIdx.x, b = blockIdx.y, d = a.head_dim, ch = threadIdx.x, nb = blockDim.x;
-    const std::size_t head = std::size_t(b) * a.n_q_heads + hq;
-    const int total = __ldg(a.n_tokens + b) + (a.cur_k != nullptr ? 1 : 0);
-    const int used = used_all ? n_parts : min(n_parts, (total + chunk - 1) / chunk);
-    const float* ml = part_ml + head * n_parts * 2;
-    const float* acc = part_acc + head * n_parts * d + ch;
-    float M = -INFINITY, L = 0.f, o = 0.f;
-    for (int base = 0; base < used; base += nb) {
-        const int cnt = min(nb, used - base);
-        float mi = -INFINITY, li = 0.f;
-        if (ch < cnt) {
-            const float2 v = *reinterpret_cast<const float2*>(ml + 2 * (base + ch));
-            mi = v.x;
-            li = v.y;
-        }
-        // The batch's maximum (a warp reduction, then across warps through s_e).
-        float bm = mi;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) bm = fmaxf(bm, __shfl_xor_sync(0xffffffffu, bm, off));
-        __syncthreads();  // the previous batch's s_e / s_l / s_m are consumed
-        if ((ch & 31) == 0) s_e[ch / 32] = bm;
+    // tail == 2: the only tail chunk of the tensor-core path, launched after the tensor-core kernel,
+    // merges all parts of its G query heads itself (no combine launch). __syncthreads makes this
+    // block's partial writes visible to all its threads; the tensor-core kernel's are complete.
+    if (tail == 2) {
         __syncthreads();
-        if (ch == 0) {
-            float x = s_e[0];
-            for (int w = 1; w < nb / 32; ++w) x = fmaxf(x, s_e[w]);
-            s_m = x;
-        }
-        __syncthreads();
-        const float Mn = fmaxf(M, s_m);
-        if (Mn == -INFINITY) continue;  // every part so far empty (uniform across the block)
-        if (ch < cnt) {
-            s_e[ch] = mi == -INFINITY ? 0.f : expf(mi - Mn);
-            s_l[ch] = li;
-        }
-        __syncthreads();
-        if (M != Mn) {  // rescale what the earlier batches summed (M = -inf: nothing yet)
-            const float f = M == -INFINITY ? 0.f : expf(M - Mn);
-            L *= f;
-            o *= f;
-        }
-        M = Mn;
-#pragma unroll 8
-        for (int i = 0; i < cnt; ++i) {  // loads unconditional (in the workspace), so they overlap
-            const float e = s_e[i], v = acc[std::size_t(base + i) * d];
-            if (e != 0.f) {  // empty parts (m = -inf) leave no term, whatever their acc holds
-                L = fmaf(e, s_l[i], L);
-                o = fmaf(e, v, o);
-            }
-        }
-    }
-    if (ch < d) {
-        float r = L > 0.f ? o / L : 0.f;
-        if (a.v_scale != nullptr) {
-            const std::size_t c = std::size_t(hq / (a.n_q_heads / a.n_kv_heads)) * d + ch;
-            r = fmaf(r, __ldg(a.v_scale + c), __ldg(a.v_shift + c));
-        }
-        a.out[head * d + ch] = r;
+        for (int h = 0; h < G; ++h)
+            dec_merge_head(a, kv * G + h, b, n_parts, n_parts, part_ml, part_acc, accbuf, accbuf + 256, accbuf + 512);
     }
 }
 
@@ -883,7 +902,8 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         }
     }
     const int chunk = plan.tail_chunk, n_chunks = plan.n_tail;
-    const int part_offset = plan.tc ? plan.n_main : 0, tail = plan.tc ? 1 : 0;
+    // tail 2: one tail chunk after the tensor-core kernel, which also merges (see decode_partial_kernel).
+    const int part_offset = plan.tc ? plan.n_main : 0, tail = plan.tc ? (n_chunks == 1 ? 2 : 1) : 0;
     const float* tables = a.key_format == KeyFormat::Qjl ? projq : proj;
 
     const int gt = detail::dec_pick_gt(G);
@@ -946,6 +966,7 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         default: with_keys(std::integral_constant<int, 1>{}); break;
     }
 
+    if (tail == 2) return;
     detail::decode_combine_kernel<<<dim3(a.n_q_heads, a.batch), a.head_dim, 0, stream>>>(a, chunk, plan.n_parts, tail,
                                                                                          ml, accp);
     KVQ_CUDA_CHECK_LAUNCH("decode_combine_kernel");
