@@ -403,14 +403,24 @@ int main(int argc, char** argv) {
                 void* ws;
                 KVQ_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
                 KVQ_CUDA_CHECK(cudaDeviceSynchronize());
-                const Timing t = time_runs(runs, copies, [&](int c) {
-                    a.key_pool = cs[c].kpool;
-                    a.value_pool = cs[c].vpool;
-                    a.key_pages = cs[c].kpages;
-                    a.value_pages = cs[c].vpages;
-                    kvq::cuda::launch_decode_attention(a, g_stream, ws, ws_bytes);
-                });
-                KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                // One launch_decode_attention per run on the next copy of the pools; w: the call's workspace
+                // (nullptr: its own, allocated here).
+                auto time_decode = [&](kvq::cuda::DecodeAttentionArgs x, void* w) {
+                    const std::size_t wb = kvq::cuda::decode_attention_workspace_bytes(x);
+                    void* own = nullptr;
+                    if (w == nullptr) KVQ_CUDA_CHECK(cudaMalloc(&own, wb));
+                    const Timing tt = time_runs(runs, copies, [&](int c) {
+                        x.key_pool = cs[c].kpool;
+                        x.value_pool = cs[c].vpool;
+                        x.key_pages = cs[c].kpages;
+                        x.value_pages = cs[c].vpages;
+                        kvq::cuda::launch_decode_attention(x, g_stream, w ? w : own, wb);
+                    });
+                    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                    if (own) KVQ_CUDA_CHECK(cudaFree(own));
+                    return tt;
+                };
+                const Timing t = time_decode(a, ws);
                 rows.push_back(
                     {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
                 if (sweep && kvq::cuda::detail::dec_plan(a).tc) {
@@ -422,18 +432,7 @@ int main(int argc, char** argv) {
                         if (ch > T) break;
                         kvq::cuda::DecodeAttentionArgs as = a;
                         as.chunk_tokens = ch;
-                        const std::size_t sws_bytes = kvq::cuda::decode_attention_workspace_bytes(as);
-                        void* sws;
-                        KVQ_CUDA_CHECK(cudaMalloc(&sws, sws_bytes));
-                        const Timing tt = time_runs(runs, copies, [&](int c) {
-                            as.key_pool = cs[c].kpool;
-                            as.value_pool = cs[c].vpool;
-                            as.key_pages = cs[c].kpages;
-                            as.value_pages = cs[c].vpages;
-                            kvq::cuda::launch_decode_attention(as, g_stream, sws, sws_bytes);
-                        });
-                        KVQ_CUDA_CHECK(cudaDeviceSynchronize());
-                        KVQ_CUDA_CHECK(cudaFree(sws));
+                        const Timing tt = time_decode(as, nullptr);
                         const int nm = (T + ch - 1) / ch;
                         const double sbytes = bytes - partial_bytes +
                                               2.0 * batch * H * kvq::cuda::detail::dec_plan(as).n_parts * (d + 2) * 4.0;
@@ -446,34 +445,16 @@ int main(int argc, char** argv) {
                     // The same call with per-lane cp.async staging instead of bulk copies (same workspace).
                     kvq::cuda::DecodeAttentionArgs ab = a;
                     ab.tc_bulk_staging = false;
-                    const Timing bt = time_runs(runs, copies, [&](int c) {
-                        ab.key_pool = cs[c].kpool;
-                        ab.value_pool = cs[c].vpool;
-                        ab.key_pages = cs[c].kpages;
-                        ab.value_pages = cs[c].vpages;
-                        kvq::cuda::launch_decode_attention(ab, g_stream, ws, ws_bytes);
-                    });
-                    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                    const Timing bt = time_decode(ab, ws);
                     rows.push_back({name + " [tensor cores, per-lane cp.async]", batch, T, bt, bytes});
                 }
                 if (!sweep && kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call on the CUDA-core kernel, for comparison.
                     kvq::cuda::DecodeAttentionArgs ac = a;
                     ac.cuda_core_only = true;
-                    const std::size_t cws_bytes = kvq::cuda::decode_attention_workspace_bytes(ac);
-                    void* cws;
-                    KVQ_CUDA_CHECK(cudaMalloc(&cws, cws_bytes));
-                    const Timing ct = time_runs(runs, copies, [&](int c) {
-                        ac.key_pool = cs[c].kpool;
-                        ac.value_pool = cs[c].vpool;
-                        ac.key_pages = cs[c].kpages;
-                        ac.value_pages = cs[c].vpages;
-                        kvq::cuda::launch_decode_attention(ac, g_stream, cws, cws_bytes);
-                    });
-                    KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+                    const Timing ct = time_decode(ac, nullptr);
                     rows.push_back({name + " [CUDA cores]", batch, T, ct,
                                     bytes - partial_bytes + 2.0 * batch * H * n_chunks * (d + 2) * 4.0});
-                    KVQ_CUDA_CHECK(cudaFree(cws));
                 }
                 if (cfg == 0 && !sweep) {
                     // Reference point: the scores alone (qjl_score.cuh, fp32 scores written) on the same key pools.

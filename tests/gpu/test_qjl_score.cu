@@ -277,6 +277,15 @@ struct TcOutput {
     std::vector<std::uint8_t> proj, rec, projq;  // workspace sections
 };
 
+// Two launch paths of the same case must leave the same bytes: workspace sections and scores.
+void expect_bit_identical(const TcOutput& x, const TcOutput& ref) {
+    EXPECT_TRUE(x.proj == ref.proj) << "S q differs";
+    EXPECT_TRUE(x.rec == ref.rec) << "query records differ";
+    EXPECT_TRUE(x.projq == ref.projq) << "u * s differs";
+    ASSERT_EQ(x.scores.size(), ref.scores.size());
+    EXPECT_EQ(std::memcmp(x.scores.data(), ref.scores.data(), x.scores.size() * 4), 0) << "scores differ";
+}
+
 constexpr double kU = 1.0 / 16777216.0;  // 2^-24, fp32 unit roundoff
 
 // Runs one case of the tensor path and checks (a) the query record, (b) the scores against a float64
@@ -593,11 +602,7 @@ TEST(QjlScoreGpu, TensorPathPipelinedMatchesLegacy) {
         run_tc_case(c, false, &po);
         run_tc_case(l, false, &lo);
         SCOPED_TRACE(describe(c));
-        EXPECT_TRUE(po.proj == lo.proj) << "S q differs";
-        EXPECT_TRUE(po.rec == lo.rec) << "query records differ";
-        EXPECT_TRUE(po.projq == lo.projq) << "u * s differs";
-        ASSERT_EQ(po.scores.size(), lo.scores.size());
-        EXPECT_EQ(std::memcmp(po.scores.data(), lo.scores.data(), po.scores.size() * 4), 0) << "scores differ";
+        expect_bit_identical(po, lo);
     }
 }
 
@@ -620,11 +625,7 @@ TEST(QjlScoreGpu, TensorPathPdlMatchesPlainLaunch) {
         run_tc_case(l, false, &lo);
         run_tc_case(f, false, &fo);
         SCOPED_TRACE(describe(f));
-        EXPECT_TRUE(fo.proj == lo.proj) << "S q differs";
-        EXPECT_TRUE(fo.rec == lo.rec) << "query records differ";
-        EXPECT_TRUE(fo.projq == lo.projq) << "u * s differs";
-        ASSERT_EQ(fo.scores.size(), lo.scores.size());
-        EXPECT_EQ(std::memcmp(fo.scores.data(), lo.scores.data(), fo.scores.size() * 4), 0) << "scores differ";
+        expect_bit_identical(fo, lo);
     }
     TcCase g{128, 256, 1, 3000, 64, 2};
     g.legacy = true;
