@@ -404,8 +404,8 @@ __device__ __forceinline__ void dec_merge_head(const DecodeAttentionArgs& a, int
 
 // Stage: exact merge of the partials. grid (n_q_heads, batch), head_dim threads. With used_all, every
 // one of the n_parts slots was written (empty ones as max -inf, sum 0); otherwise the first
-// ceil(total / chunk). Not launched when the tail kernel merges (one tail chunk, tensor-core path):
-// that saves a launch (8.3 us of ncu time at batch 1, 64k, QJL).
+// ceil(total / chunk). Not launched when the tail kernel merges (one tail chunk, tensor-core path;
+// measured 0.4-1.9 us faster at batch 1 on an H100, bench/RESULTS.md round 5).
 __global__ void decode_combine_kernel(DecodeAttentionArgs a, int chunk, int n_parts, int used_all, const float* part_ml,
                                       const float* part_acc) {
     __shared__ float s_e[256], s_l[256], s_m;

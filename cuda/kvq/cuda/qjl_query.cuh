@@ -30,14 +30,27 @@ struct QjlQueryLayout {
 
 namespace detail {
 
+// Programmatic dependent launch (sm_90): the query preparation lets the score kernel start early
+// (its page-table reads and code copies do not depend on the query), and the score kernel waits
+// for the preparation's results only where it first reads them. Both are no-ops when the launch
+// carries no programmatic dependency.
+__device__ __forceinline__ void qjl_pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void qjl_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // grid: query heads; block: ceil(m / 32) warps (m <= 1024). proj [heads][m] -> rec [heads][record_words],
 // projq [heads][m] (u * s).
 static __global__ void qjl_quantize_query_kernel(const float* proj, int m, std::uint32_t* rec, float* projq) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     // A score kernel launched as its programmatic dependent (QjlScoreArgs::tc_pdl) may start now: it
-    // waits for this grid's completion before it reads the records. A no-op for any other launch.
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
+    // waits for this grid's completion before it reads the records.
+    qjl_pdl_launch_dependents();
     __shared__ float s_max[32];
     __shared__ int s_sum[32];
     const QjlQueryLayout L = QjlQueryLayout::of(m);

@@ -221,21 +221,6 @@ static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf
     }
 }
 
-// Programmatic dependent launch (sm_90): the query preparation lets the score kernel start early
-// (its page-table reads and code copies do not depend on the query), and the score kernel waits
-// for the preparation's results only where it first reads them. Both are no-ops when the launch
-// carries no programmatic dependency.
-__device__ __forceinline__ void qjl_pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void qjl_pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // <S_r, q> for the 8 sketch rows r of s0 ([8][d] row-major), q in qv (lane c holds channels c, c + 32,
 // ..., zero past d), one warp: lane c keeps the partial sums of the 8 rows over its channels (the same
 // fmaf chain as qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2,
