@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu_timeline.cuh"
 #include "kvq/cuda/check.cuh"
 #include "kvq/cuda/decode_attention.cuh"
 #if defined(__NVCC__)
@@ -242,7 +243,7 @@ void print_rows(const std::vector<Row>& rows, double copy_gbs) {
 
 int main(int argc, char** argv) {
     int runs = 30, only_tokens = 0, only_batch = 0, only_cfg = -1, chunk_tokens = 0;
-    bool sweep = false;
+    bool sweep = false, timeline = false;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -256,6 +257,8 @@ int main(int argc, char** argv) {
             chunk_tokens = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--sweep"))
             sweep = true;
+        else if (!std::strcmp(argv[i], "--timeline"))
+            timeline = true;
         else {
             std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--sweep]\n",
                          argv[0]);
@@ -421,6 +424,27 @@ int main(int argc, char** argv) {
                     return tt;
                 };
                 const Timing t = time_decode(a, ws);
+#if defined(KVQ_TIMELINE)
+                if (timeline && kvq::cuda::detail::dec_plan(a).tc) {
+                    const auto pl = kvq::cuda::detail::dec_plan(a);
+                    for (int rep = 0; rep < 2; ++rep) {  // the second launch's stamps (the first warms up)
+                        kvq_bench::clear_timeline();
+                        kvq::cuda::DecodeAttentionArgs x = a;
+                        x.key_pool = cs[rep % copies].kpool;
+                        x.value_pool = cs[rep % copies].vpool;
+                        x.key_pages = cs[rep % copies].kpages;
+                        x.value_pages = cs[rep % copies].vpages;
+                        kvq::cuda::launch_decode_attention(x, g_stream, ws, ws_bytes);
+                        KVQ_CUDA_CHECK(cudaStreamSynchronize(g_stream));
+                    }
+                    std::printf("timeline: %s batch %d T %d, %d chunks of %d; graph %.1f us\n", name.c_str(), batch, T,
+                                pl.n_main, pl.chunk, t.graph_us);
+                    kvq_bench::print_timeline(pl.n_main * H * batch, double(kbb + vbb) / B,
+                                              "merge: sums staged after end", true);
+                }
+#else
+                (void)timeline;
+#endif
                 rows.push_back(
                     {name + (kvq::cuda::detail::dec_plan(a).tc ? " [tensor cores]" : ""), batch, T, t, bytes});
                 if (sweep && kvq::cuda::detail::dec_plan(a).tc) {

@@ -58,6 +58,7 @@
 
 #include "kvq/cuda/mma.cuh"
 #include "kvq/cuda/qjl_query.cuh"
+#include "kvq/cuda/timeline.cuh"
 
 // The QJL kernel with G = 1 (decode_tc_kernel<D, VBITS, 1, 0>, kLean) has its own tile body, the same
 // arithmetic as the general one (bit-identical outputs; measured 1.20x / 1.34x faster at 64k tokens,
@@ -240,6 +241,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                      float* part_ml, float* part_acc) {
     static_assert(KBITS == 0 || KBITS == 2 || KBITS == 4 || KBITS == 8, "KBITS: 0 (QJL) or 2/4/8 (token-wise)");
     constexpr bool kQjl = KBITS == 0;
+    if (threadIdx.x == 0) {
+        KVQ_TIMELINE_STAMP(0, KVQ_TIMELINE_SMID());
+        KVQ_TIMELINE_STAMP(1, KVQ_TIMELINE_NOW());
+    }
     extern __shared__ float4 tc_smem4[];
     std::uint8_t* smem = reinterpret_cast<std::uint8_t*>(tc_smem4);
     constexpr int MT = D / 16;           // value m-tiles
@@ -520,6 +525,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
                 tc::cp_async_wait<0>();
         }
         __syncwarp();
+        if (k == 0 && lane == 0) KVQ_TIMELINE_STAMP(2 + warp, KVQ_TIMELINE_NOW());
         issue(k + n_stages - 1, pg_next, wr_stage);
         pg_next = load_pages(k + n_stages);
         const std::uint8_t* s = wsm + std::size_t(rd_stage) * st.bytes;
@@ -890,21 +896,26 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
         }
     }
     tc::cp_async_wait<0>();
+    if (lane == 0) KVQ_TIMELINE_STAMP(6 + warp, KVQ_TIMELINE_NOW());
 
     // 5. Merge the warps of the CTA and write the chunk's partial per head.
     for (int i = threadIdx.x; i < kTcWarps * G * (D + 4); i += blockDim.x) red[i] = 0.f;  // red and mred
     __syncthreads();
+    // Columns c and c + 4 (lanes t and t ^ 2, same e) are the hi and lo parts of one (head, group): one
+    // shuffle sums them and the hi lane stores the channel (each (warp, head, channel) has exactly one
+    // such pair). Shared-memory float atomics here were CAS loops on sm_90: ~8 us per CTA between the
+    // last tile and the exit (bench_gpu_decode --timeline).
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
-        if (!use_d[e]) continue;
         const float f = tc_pow2(-e_d[e]) * kTcUnitInv;  // weights' 2^E and the A operand's unit
 #pragma unroll
         for (int j = 0; j < MT; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
                 const int ch = g * (D / 8) + h * (D / 16) + j;
-                const float v = acc[j][2 * h + e] * f * (1.0f / float(1 << tc_row_shift<D, VBITS>(h, j)));
-                atomicAdd(&red[(warp * G + head_d[e]) * D + ch], v);
+                float v = use_d[e] ? acc[j][2 * h + e] * f * (1.0f / float(1 << tc_row_shift<D, VBITS>(h, j))) : 0.f;
+                v += __shfl_xor_sync(0xffffffffu, v, 2);
+                if (use_d[e] && t < 2) red[(warp * G + head_d[e]) * D + ch] = v;
             }
     }
     {
@@ -920,6 +931,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             mls[(warp * G + hh) * 2 + 1] = l_run[hh];
         }
     __syncthreads();
+    if (threadIdx.x == 0) KVQ_TIMELINE_STAMP(12, KVQ_TIMELINE_NOW());  // the warps' sums staged
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
         const int hh = i / D, ch = i % D;
         float M = -INFINITY;
@@ -940,6 +952,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
             part_ml[(head * n_parts + c) * 2 + 1] = L;
         }
     }
+#if defined(KVQ_TIMELINE)
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        KVQ_TIMELINE_STAMP(10, KVQ_TIMELINE_NOW());
+        KVQ_TIMELINE_STAMP(11, len);
+    }
+#endif
 }
 
 inline std::size_t tc_smem_bytes_for(const DecodeAttentionArgs& a, int G, int stages) {
