@@ -1,11 +1,12 @@
 // GPU benchmark: QJL key scoring over paged blocks (kvq::cuda::launch_qjl_score) against its
 // memory floor and against cuBLAS fp16 q.K^T on the same tokens. Plain main() with CUDA events:
 //   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas]
-// Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores),
-// "tc-pipelined" = the same scores through the opt-in fused query preparation + pipelined bulk-copy
-// kernel (QjlScoreArgs::tc_pipelined), "tc-plain" = the default with QjlScoreArgs::tc_pdl = false (the
-// score kernel not a programmatic dependent launch), "exact" = exact_query = true (fp32 nibble tables),
-// "exact+8o" = 8 outliers (always exact).
+// Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores; on sm_90
+// the pipelined bulk-copy kernel, QjlScoreArgs::tc_pipelined), "tc-direct" = the same scores from the
+// direct-load kernel (tc_pipelined = false), "tc-plain" = that one with QjlScoreArgs::tc_pdl = false (no
+// programmatic dependent launches), "exact" = exact_query = true (fp32 nibble tables), "exact+8o" = 8
+// outliers (always exact). --timeline (builds with -DKVQ_TIMELINE): the CTA stamps of "tc" and
+// "tc-direct" (the pipelined kernel stamps its warps 0-3 of 8; its exit is warp 0's loop end).
 // For each shape: median of N (default 50) warmed-up runs, each run on the next of several copies
 // of the inputs so that the working set exceeds the L2 cache (50 MB) where memory allows.
 // Bytes counted (the floor): codes + norms + outlier ids (whole blocks) + page table + query +
@@ -25,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "gpu_timeline.cuh"
 #include "kvq/cuda/check.cuh"
 #include "kvq/cuda/qjl_score.cuh"
 // Eigen (inside the CPU codec) annotates defaulted members __host__ __device__; nvcc warns about it.
@@ -130,7 +132,7 @@ struct Row {
 
 int main(int argc, char** argv) {
     int runs = 50, only_tokens = 0;
-    bool blas_on = true;
+    bool blas_on = true, timeline = false;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--runs") && i + 1 < argc)
             runs = std::max(1, std::atoi(argv[++i]));
@@ -138,8 +140,10 @@ int main(int argc, char** argv) {
             only_tokens = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--no-cublas"))
             blas_on = false;
+        else if (!std::strcmp(argv[i], "--timeline"))  // builds with -DKVQ_TIMELINE: CTA stamps of "tc"
+            timeline = true;
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--no-cublas]\n", argv[0]);
+            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--no-cublas] [--timeline]\n", argv[0]);
             return 2;
         }
     }
@@ -224,15 +228,15 @@ int main(int argc, char** argv) {
             struct Variant {
                 const char* path;
                 bool exact;
-                bool legacy;
+                bool pipelined;
                 Timing t;
                 bool plain = false;
             };
             std::vector<Variant> variants;
             if (outliers == 0)
                 variants = {{"tc", false, true, {}},
-                            {"tc-plain", false, true, {}, true},
-                            {"tc-pipelined", false, false, {}},
+                            {"tc-direct", false, false, {}},
+                            {"tc-plain", false, false, {}, true},
                             {"exact", true, false, {}}};
             else
                 variants = {{"exact+8o", true, false, {}}};
@@ -250,7 +254,7 @@ int main(int argc, char** argv) {
                 a.pages = cs[0].pages;
                 a.scores = cs[0].scores;
                 a.exact_query = v.exact;
-                a.tc_pipelined = !v.legacy;
+                a.tc_pipelined = v.pipelined;
                 if (v.plain) a.tc_pdl = false;
                 const std::size_t ws_bytes = kvq::cuda::qjl_score_workspace_bytes(a);
                 void* ws;
@@ -262,6 +266,22 @@ int main(int argc, char** argv) {
                     kvq::cuda::launch_qjl_score(a, g_stream, ws, ws_bytes);
                 });
                 KVQ_CUDA_CHECK(cudaDeviceSynchronize());
+#if defined(KVQ_TIMELINE)
+                if (timeline && (std::strcmp(v.path, "tc") == 0 || std::strcmp(v.path, "tc-direct") == 0)) {
+                    for (int rep = 0; rep < 2; ++rep) {  // the second launch's stamps (the first warms up)
+                        kvq_bench::clear_timeline();
+                        a.pool = cs[rep % copies].pool;
+                        a.pages = cs[rep % copies].pages;
+                        a.scores = cs[rep % copies].scores;
+                        kvq::cuda::launch_qjl_score(a, g_stream, ws, ws_bytes);
+                        KVQ_CUDA_CHECK(cudaStreamSynchronize(g_stream));
+                    }
+                    std::printf("timeline: score %s, T %d, graph %.1f us\n", v.path, T, v.t.graph_us);
+                    kvq_bench::print_timeline(0, double(bb) / B, "records ready after entry", false);
+                }
+#else
+                (void)timeline;
+#endif
                 KVQ_CUDA_CHECK(cudaFree(ws));
             }
             for (auto& c : cs) {
@@ -326,9 +346,9 @@ int main(int argc, char** argv) {
         "QJL bytes: codes + norms + ids (whole blocks) + page table + fp32 query + fp32 scores; cuBLAS bytes:\n"
         "fp16 K + fp16 q + fp32 scores. us = median per run, CUDA events, back-to-back runs; graph us = mean\n"
         "per run replaying all runs from one CUDA graph (no host launch cost). GB/s and %% copy use graph us.\n"
-        "path: tc = int8 bit-sliced query on tensor cores (default: project, quantize, BMMA kernel as its\n"
-        "programmatic dependent), tc-plain = the same with tc_pdl = false, tc-pipelined = QjlScoreArgs::tc_pipelined,\n"
-        "exact = exact_query, exact+8o = 8 outliers.\n\n");
+        "path: tc = int8 bit-sliced query on tensor cores (default: project, quantize, pipelined BMMA kernel\n"
+        "as its programmatic dependent), tc-direct = the direct-load BMMA kernel (tc_pipelined = false),\n"
+        "tc-plain = that one with tc_pdl = false, exact = exact_query, exact+8o = 8 outliers.\n\n");
     std::printf(
         "| path | outliers | T | QJL us | QJL graph us | QJL MB | QJL GB/s | %% copy | floor us | cuBLAS us | "
         "cuBLAS graph us | cuBLAS MB | cuBLAS GB/s | speedup (graph) |\n");
@@ -350,14 +370,14 @@ int main(int argc, char** argv) {
     }
     // Compact summary: graph us and % of copy bandwidth per path, one line per T.
     std::printf("\ncompact (graph us / %% copy; copy %.0f GB/s):\n", copy_gbs);
-    std::printf("%8s %18s %18s %18s %18s %14s\n", "T", "tc", "tc-pipelined", "exact", "exact+8o", "cuBLAS fp16");
+    std::printf("%8s %18s %18s %18s %18s %14s\n", "T", "tc", "tc-direct", "exact", "exact+8o", "cuBLAS fp16");
     std::vector<int> Ts;
     for (const Row& r : rows)
         if (std::find(Ts.begin(), Ts.end(), r.T) == Ts.end()) Ts.push_back(r.T);
     for (int T : Ts) {
         std::printf("%8d", T);
         double blas_us = 0;
-        for (const char* path : {"tc", "tc-pipelined", "exact", "exact+8o"}) {
+        for (const char* path : {"tc", "tc-direct", "exact", "exact+8o"}) {
             const Row* f = nullptr;
             for (const Row& r : rows)
                 if (r.T == T && !std::strcmp(r.path, path)) f = &r;

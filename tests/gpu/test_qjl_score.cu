@@ -258,7 +258,7 @@ struct TcCase {
     int kv_heads = 2;
     bool fp16_query = false;
     bool zero_head = false;  // last query head all zeros (s = 0, u = 0, scores 0)
-    bool legacy = false;     // the library's default launches instead of QjlScoreArgs::tc_pipelined
+    bool direct = false;     // QjlScoreArgs::tc_pipelined = false: the direct-load qjl_score_tc_kernel
     int max_ctas = 0;        // QjlScoreArgs::tc_max_ctas: a small grid gives each warp many tiles
     bool plain = false;      // not pipelined, QjlScoreArgs::tc_pdl = false (a plain score launch)
 };
@@ -267,7 +267,7 @@ std::string describe(const TcCase& c) {
     return "tc d=" + std::to_string(c.d) + " m=" + std::to_string(c.m) + " G=" + std::to_string(c.group) +
            " T=" + std::to_string(c.tokens) + " B=" + std::to_string(c.block_tokens) +
            " Hkv=" + std::to_string(c.kv_heads) + (c.fp16_query ? " fp16q" : "") + (c.zero_head ? " zero-head" : "") +
-           (c.legacy ? " legacy" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "") +
+           (c.direct ? " direct" : "") + (c.max_ctas ? " max_ctas=" + std::to_string(c.max_ctas) : "") +
            (c.plain ? " plain-launch" : "");
 }
 
@@ -365,8 +365,8 @@ void run_tc_case(const TcCase& c, bool use_graph = false, TcOutput* out = nullpt
     a.query_type = c.fp16_query ? kvq::cuda::QueryType::F16 : kvq::cuda::QueryType::F32;
     a.scores = d_scores.p;
     a.score_stride = score_stride;
-    // The tests exercise the opt-in pipelined path unless told otherwise.
-    a.tc_pipelined = !c.legacy && !c.plain;
+    // The default (pipelined on sm_90) unless told otherwise.
+    a.tc_pipelined = !c.direct && !c.plain;
     a.tc_max_ctas = c.max_ctas;
     if (c.plain) a.tc_pdl = false;
     ASSERT_FALSE(a.exact_query);  // the default
@@ -552,17 +552,17 @@ TEST(QjlScoreGpu, TensorPathCapturesInAGraph) {
     run_tc_case({128, 96, 3, 333, 16}, true);
 }
 
-TEST(QjlScoreGpu, TensorPathLegacyKernel) {
-    // The default launches (project, quantize, qjl_score_tc_kernel), i.e. QjlScoreArgs::tc_pipelined = false.
+TEST(QjlScoreGpu, TensorPathDirectKernel) {
+    // The direct-load kernel (project, quantize, qjl_score_tc_kernel): QjlScoreArgs::tc_pipelined = false.
     std::mt19937 rng(4242);
     const int ds[] = {64, 128, 256}, ms[] = {96, 256, 512}, gs[] = {1, 3, 8}, bs[] = {16, 64, 256};
     for (int i = 0; i < 8; ++i) {
         TcCase c{ds[rng() % 3], ms[rng() % 3], gs[rng() % 3], 1 + 2 * static_cast<int>(rng() % 1500), bs[rng() % 3]};
-        c.legacy = true;
+        c.direct = true;
         run_tc_case(c);
     }
     TcCase g{128, 256, 2, 999, 32};
-    g.legacy = true;
+    g.direct = true;
     run_tc_case(g, true);
 }
 
@@ -588,16 +588,16 @@ TEST(QjlScoreGpu, TensorPathLongRunsPerWarp) {
     run_tc_case(g, true);  // graph replay with long runs
 }
 
-TEST(QjlScoreGpu, TensorPathPipelinedMatchesLegacy) {
-    // The fused query preparation reproduces qjl_project_kernel's summation order and the quantiser's
-    // arithmetic, and both score kernels evaluate the same float expression: bit-identical outputs.
+TEST(QjlScoreGpu, TensorPathPipelinedMatchesDirect) {
+    // The same preparation launches, and both score kernels evaluate the same float expression:
+    // bit-identical outputs.
     const TcCase cases[] = {
         {128, 256, 1, 4097, 64, 2}, {64, 96, 3, 333, 16, 2},     {256, 512, 4, 1001, 128, 1},
         {128, 320, 8, 257, 32, 2},  {128, 1024, 2, 130, 256, 1}, {128, 256, 2, 77, 64, 2, true},
     };
     for (const TcCase& c : cases) {
         TcCase l = c;
-        l.legacy = true;
+        l.direct = true;
         TcOutput po, lo;
         run_tc_case(c, false, &po);
         run_tc_case(l, false, &lo);
@@ -620,7 +620,7 @@ TEST(QjlScoreGpu, TensorPathPdlMatchesPlainLaunch) {
     for (const TcCase& c : cases) {
         TcCase l = c, f = c;
         l.plain = true;
-        f.legacy = true;
+        f.direct = true;
         TcOutput lo, fo;
         run_tc_case(l, false, &lo);
         run_tc_case(f, false, &fo);
@@ -628,61 +628,11 @@ TEST(QjlScoreGpu, TensorPathPdlMatchesPlainLaunch) {
         expect_bit_identical(fo, lo);
     }
     TcCase g{128, 256, 1, 3000, 64, 2};
-    g.legacy = true;
+    g.direct = true;
     run_tc_case(g, true);  // graph capture of the programmatic dependent launch, replayed twice
     g.m = 96;
     g.group = 3;
     run_tc_case(g, true);
-}
-
-TEST(QjlScoreGpu, QueryPrepMatchesProjectAndQuantize) {
-    // detail::launch_qjl_query_prep (the fused launch offered to the decode) against the two round-2
-    // kernels, also for head_dim not a multiple of 32 and m = 1024.
-    const int shapes[][3] = {{128, 256, 5}, {40, 64, 3}, {256, 1024, 2}, {8, 32, 4}, {200, 160, 7}};
-    for (const auto& sh : shapes) {
-        const int d = sh[0], m = sh[1], H = sh[2];
-        SCOPED_TRACE("d=" + std::to_string(d) + " m=" + std::to_string(m) + " H=" + std::to_string(H));
-        std::mt19937 rng(d * 31 + m);
-        std::normal_distribution<float> nd(0.f, 1.f);
-        std::vector<float> S(std::size_t(m) * d), q(std::size_t(H) * (d + 3));
-        for (auto& v : S) v = nd(rng);
-        for (auto& v : q) v = nd(rng);
-        DeviceBuffer<float> d_S(S.size()), d_q(q.size());
-        d_S.upload(S);
-        d_q.upload(q);
-        const kvq::cuda::QjlQueryLayout QL = kvq::cuda::QjlQueryLayout::of(m);
-        const std::size_t nrec = std::size_t(H) * QL.record_words();
-        DeviceBuffer<float> p1(std::size_t(H) * m), p2(std::size_t(H) * m), f1(std::size_t(H) * d),
-            f2(std::size_t(H) * d), pq1(std::size_t(H) * m), pq2(std::size_t(H) * m);
-        DeviceBuffer<std::uint32_t> r1(nrec), r2(nrec);
-        for (auto* b : {&p1, &p2, &f1, &f2, &pq1, &pq2}) KVQ_CUDA_CHECK(cudaMemset(b->p, 0xFF, b->n * sizeof(float)));
-        KVQ_CUDA_CHECK(cudaMemset(r1.p, 0xFF, nrec * 4));
-        KVQ_CUDA_CHECK(cudaMemset(r2.p, 0xFF, nrec * 4));
-        kvq::cuda::QjlScoreArgs a;
-        a.head_dim = d;
-        a.m = m;
-        a.sketch_rows = m;
-        a.sketch = d_S.p;
-        a.n_q_heads = H;
-        a.query = d_q.p;
-        a.query_stride = d + 3;
-        const dim3 pgrid(H, (m + 7) / 8);
-        kvq::cuda::detail::qjl_project_kernel<<<pgrid, 256, d * sizeof(float)>>>(a, p1.p, f1.p, nullptr);
-        KVQ_CUDA_CHECK(cudaGetLastError());
-        kvq::cuda::detail::qjl_quantize_query_kernel<<<H, 32 * ((m + 31) / 32)>>>(p1.p, m, r1.p, pq1.p);
-        KVQ_CUDA_CHECK(cudaGetLastError());
-        kvq::cuda::detail::launch_qjl_query_prep(a, p2.p, f2.p, r2.p, pq2.p, nullptr);
-        KVQ_CUDA_CHECK(cudaDeviceSynchronize());
-        const auto bits = [](const std::vector<float>& v) {
-            std::vector<std::uint32_t> b(v.size());
-            std::memcpy(b.data(), v.data(), v.size() * 4);
-            return b;
-        };
-        EXPECT_TRUE(bits(p1.download()) == bits(p2.download())) << "S q";
-        EXPECT_TRUE(bits(f1.download()) == bits(f2.download())) << "q";
-        EXPECT_TRUE(r1.download() == r2.download()) << "records";
-        EXPECT_TRUE(bits(pq1.download()) == bits(pq2.download())) << "u * s";
-    }
 }
 
 TEST(QjlScoreGpu, SmallBlocksFallBackToExact) {

@@ -27,16 +27,17 @@
 // path, and |score - exact| <= sqrt(pi/2)/m * ||k|| * m s / 2 (+ rounding). exact_query == true, any
 // outliers, or blocks of fewer than 16 tokens (a BMMA step is 16 tokens of one block) take the exact
 // float kernels above instead (a fallback, not a rejection; qjl_score_uses_tensor_path says which).
-// QjlScoreArgs::tc_pipelined (sm_90, off by default) replaces them with two launches:
-// qjl_query_prep_kernel (step 1 and the quantisation fused, bit-identical outputs) and
-// qjl_score_pipe_kernel (bulk copies of 64-token tiles through a per-warp shared-memory ring, started
-// early as a programmatic dependent launch so that its first copies overlap the preparation). Both
-// give bit-identical scores; the pipelined pair measured slower on an H100 (bench/RESULTS.md, round 3:
-// 51.2 vs 42.4 us at 64k tokens x 32 heads, 12.2 vs 9.9 us at 4k), so it stays opt-in until profiled.
+// On sm_90 the default (QjlScoreArgs::tc_pipelined) replaces qjl_score_tc_kernel with
+// qjl_score_pipe_kernel: bulk copies of 64-token tiles through a per-warp shared-memory ring, started
+// early as a programmatic dependent of the quantisation so that its first copies overlap it; the same
+// preparation launches and bit-identical scores, 37.6 vs 40.9 us at 64k tokens x 32 heads on an H100.
+// (Until round 6 the pipelined kernel came with a fused one-launch query preparation, which alone made
+// it the slower one: bench/GPU_NOTES.md, rounds 3-6.)
 //
-// On sm_90 the default tensor path launches qjl_score_tc_kernel as a programmatic dependent of the
-// quantisation (QjlScoreArgs::tc_pdl): its warps pull their first code lines into L1, then wait for
-// the query records; 41.4 vs 42.5 us at 64k tokens x 32 heads on an H100 (bench/RESULTS.md, round 5).
+// With tc_pipelined = false on sm_90, qjl_score_tc_kernel is a programmatic dependent of the
+// quantisation (QjlScoreArgs::tc_pdl): its warps pull their first code lines into L1, then wait for the
+// query records; 40.9 vs 42.1 us at 64k tokens x 32 heads on an H100 (round 6). In both, the
+// quantisation is a programmatic dependent of the projection (it waits before reading S q).
 // A denser projection kernel (one warp per 8 sketch rows) measured slower (46.1 us) and was removed.
 
 // No stream is created, nothing synchronises with the host, every launch is checked: a graph can
@@ -52,6 +53,7 @@
 #include "kvq/cuda/check.cuh"
 #include "kvq/cuda/mma.cuh"
 #include "kvq/cuda/qjl_query.cuh"
+#include "kvq/cuda/timeline.cuh"
 #include "kvq/quant/codec.hpp"
 
 namespace kvq::cuda {
@@ -91,20 +93,21 @@ struct QjlScoreArgs {
     // query on tensor cores (see the top of this file; error bound there). true: the exact float
     // projection (nibble-table kernel), as QjlKeyCodec::prepare() + score().
     bool exact_query = false;
-    // Tensor path only. false (default): qjl_project_kernel, qjl_quantize_query_kernel,
-    // qjl_score_tc_kernel. true (sm_90; ignored below): one fused query-preparation launch
-    // (detail::launch_qjl_query_prep) and qjl_score_pipe_kernel, launched as its programmatic
-    // dependent. Both give bit-identical workspace contents and scores; the pipelined pair measured
-    // slower (see the top of this file), so it is opt-in.
-    bool tc_pipelined = false;
+    // Tensor path only. true (default; sm_90, ignored below): qjl_project_kernel,
+    // qjl_quantize_query_kernel, then qjl_score_pipe_kernel (bulk copies through per-warp shared-memory
+    // rings) as a programmatic dependent of the quantisation; 37.6 vs 40.9 us at 64k tokens x 32 heads
+    // on an H100 (bench/RESULTS.md, round 6). false: qjl_score_tc_kernel (direct loads) instead. Both
+    // give bit-identical workspace contents and scores.
+    bool tc_pipelined = true;
     // Pipelined tensor kernel only: at most this many CTAs (0: one 64-token tile per warp, up to the
     // resident limit). A small cap gives each warp a long run of tiles (ring wrap-around, page-id
     // batches, KV-head changes); the tests use it, and it is a tuning knob for benchmarks.
     int tc_max_ctas = 0;
-    // Tensor path with tc_pipelined == false, sm_90+: qjl_score_tc_kernel is a programmatic dependent
-    // launch of the query quantisation, so its CTAs become resident and pull their first code lines
-    // into L1 while the query is quantised; they wait (griddepcontrol.wait) only before reading the
-    // records. Bit-identical scores either way; false: a plain launch (the A/B baseline).
+    // Tensor path with tc_pipelined == false, sm_90+: the quantisation is a programmatic dependent
+    // launch of the projection, and qjl_score_tc_kernel one of the quantisation, so its CTAs become
+    // resident and pull their first code lines into L1 while the query is prepared; each waits
+    // (griddepcontrol.wait) only before reading its predecessor's output. Bit-identical scores either
+    // way; false: plain launches (the A/B baseline). The pipelined kernel is always launched this way.
     bool tc_pdl = true;
 };
 
@@ -191,6 +194,7 @@ __device__ __forceinline__ float qjl_load_query(const void* q, QueryType t, std:
 // qf[h] = q_h as fp32 (blockIdx.y == 0); st = S^T [d][rows] (grid-stride over all CTAs).
 // static: internal linkage, so that several translation units may include this header.
 static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf, float* st) {
+    qjl_pdl_launch_dependents();   // the quantisation may start; it waits for this grid before reading proj
     extern __shared__ float sq[];  // [d]
     const int h = blockIdx.x, d = a.head_dim, rows = a.sketch_rows;
     const std::int64_t qs = a.query_stride ? a.query_stride : d;
@@ -218,121 +222,6 @@ static __global__ void qjl_project_kernel(QjlScoreArgs a, float* proj, float* qf
             const std::size_t c = i / rows, jj = i % rows;
             st[i] = a.sketch[jj * d + c];
         }
-    }
-}
-
-// <S_r, q> for the 8 sketch rows r of s0 ([8][d] row-major), q in qv (lane c holds channels c, c + 32,
-// ..., zero past d), one warp: lane c keeps the partial sums of the 8 rows over its channels (the same
-// fmaf chain as qjl_project_kernel's lane c), and a transposing reduction over lane offsets 16, 8, 4, 2,
-// 1 adds the same pairs in the same order as qjl_project_kernel's butterfly, so the sums are
-// bit-identical to it while a row costs one shuffle instead of five. Lane L returns row L / 4's sum
-// (every lane of the quad holds it). d <= 256.
-__device__ __forceinline__ float qjl_project_8rows(const float* s0, int d, const float (&qv)[8], int lane) {
-    float v[8];
-#pragma unroll
-    for (int r = 0; r < 8; ++r) v[r] = 0.f;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int c = lane + 32 * k;
-        if (c < d) {
-#pragma unroll
-            for (int r = 0; r < 8; ++r) v[r] = fmaf(__ldg(s0 + std::size_t(r) * d + c), qv[k], v[r]);
-        }
-    }
-    // Offsets 16, 8, 4 halve the vector (the upper lane of a pair keeps the upper half), so lane
-    // L ends with row L / 4; offsets 2 and 1 finish the sum within the quad.
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const bool up = lane & 16;
-        const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 16);
-    }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        const bool up = lane & 8;
-        const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, 8);
-    }
-    {
-        const bool up = lane & 4;
-        const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
-        v[0] = keep + __shfl_xor_sync(0xffffffffu, send, 4);
-    }
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 2);
-    v[0] += __shfl_xor_sync(0xffffffffu, v[0], 1);
-    return v[0];
-}
-
-// Query preparation in one launch: qjl_project_kernel (without S^T) followed by
-// qjl_quantize_query_kernel, with bit-identical outputs. grid = n_heads, kQjlPrepWarps warps.
-// Each warp projects 8 sketch rows at a time (qjl_project_8rows); the rows stay in shared memory
-// for the quantisation. Requires m <= 1024 (a multiple of 32), head_dim <= 256, proj rows of m floats.
-inline constexpr int kQjlPrepWarps = 16;
-static __global__ void __launch_bounds__(kQjlPrepWarps * 32)
-    qjl_query_prep_kernel(QjlScoreArgs a, float* proj, float* qf, std::uint32_t* rec, float* projq) {
-    __shared__ float s_p[1024];
-    __shared__ float s_max[kQjlPrepWarps];
-    __shared__ int s_sum[kQjlPrepWarps];
-    qjl_pdl_launch_dependents();
-    const int h = blockIdx.x, d = a.head_dim, m = a.m;
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const std::int64_t qs = a.query_stride ? a.query_stride : d;
-    float qv[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-        const int c = lane + 32 * k;
-        qv[k] = c < d ? qjl_load_query(a.query, a.query_type, h * qs + c) : 0.f;
-        if (qf != nullptr && warp == 0 && c < d) qf[std::size_t(h) * d + c] = qv[k];
-    }
-    for (int tile = warp; tile < m / 8; tile += kQjlPrepWarps) {
-        const float v = qjl_project_8rows(a.sketch + std::size_t(8 * tile) * d, d, qv, lane);
-        if ((lane & 3) == 0) {
-            const int j = 8 * tile + lane / 4;
-            s_p[j] = v;
-            if (proj != nullptr) proj[std::size_t(h) * m + j] = v;
-        }
-    }
-    __syncthreads();
-    // qjl_quantize_query_kernel's arithmetic (max and integer sums do not depend on the order).
-    float mx = 0.f;
-    for (int j = threadIdx.x; j < m; j += blockDim.x) mx = fmaxf(mx, fabsf(s_p[j]));
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-    if (lane == 0) s_max[warp] = mx;
-    __syncthreads();
-    float amax = 0.f;
-#pragma unroll
-    for (int w = 0; w < kQjlPrepWarps; ++w) amax = fmaxf(amax, s_max[w]);
-    const float s = amax > 0.f ? __fdiv_rn(amax, 127.0f) : 0.f;
-    const QjlQueryLayout L = QjlQueryLayout::of(m);
-    std::uint32_t* r = rec + std::size_t(h) * L.record_words();
-    int sum = 0;
-    for (int w = warp; w < L.words; w += kQjlPrepWarps) {  // words past m / 32 get u = 0: zero planes
-        const int j = 32 * w + lane;
-        int u = 0;
-        if (s > 0.f && j < m) u = min(127, max(-127, __float2int_rn(__fdiv_rn(s_p[j], s))));
-        sum += u;
-        const unsigned byte = static_cast<unsigned>(u) & 0xFFu;
-        std::uint32_t mine = 0;
-#pragma unroll
-        for (int n = 0; n < 8; ++n) {
-            const std::uint32_t word = __ballot_sync(0xffffffffu, (byte >> n) & 1u);
-            if (lane == n) mine = word;
-        }
-        if (lane < 8) r[std::size_t(lane) * L.words + w] = mine;
-        if (j < m) projq[std::size_t(h) * m + j] = static_cast<float>(u) * s;
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (lane == 0) s_sum[warp] = sum;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        int total = 0;
-        for (int w = 0; w < kQjlPrepWarps; ++w) total += s_sum[w];
-        r[8 * L.words] = __float_as_uint(s);
-        r[8 * L.words + 1] = static_cast<std::uint32_t>(total);
-        r[8 * L.words + 2] = 0u;
-        r[8 * L.words + 3] = 0u;
     }
 }
 
@@ -564,6 +453,10 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
     const int c_begin = blockIdx.x * chunk, c_end = min(T, c_begin + chunk);
     const int wt0 = 1 << (2 * t), wt1 = 2 * t + 1 < 7 ? (1 << (2 * t + 1)) : -128;
     const int row = g + 8 * (t & 1);  // the row whose score this lane writes (t < 2)
+    if (threadIdx.x == 0) {
+        KVQ_TIMELINE_STAMP(0, KVQ_TIMELINE_SMID());
+        KVQ_TIMELINE_STAMP(1, KVQ_TIMELINE_NOW());
+    }
 
     if constexpr (PDL) {
         const int p0 = c_begin + warp * 16 * U;
@@ -586,6 +479,7 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
         }
         qjl_pdl_wait();
     }
+    if (threadIdx.x == 0) KVQ_TIMELINE_STAMP(12, KVQ_TIMELINE_NOW());  // the query records may be read
     auto ldrec = [](const std::uint32_t* p) { return PDL ? __ldcg(p) : __ldg(p); };
     auto ldrec2 = [](const std::uint32_t* p) {
         return PDL ? __ldcg(reinterpret_cast<const uint2*>(p)) : __ldg(reinterpret_cast<const uint2*>(p));
@@ -680,7 +574,16 @@ __global__ void __launch_bounds__(kQjlTcWarps * 32, KS == 1 && GT <= 4 ? 8 : 4)
                 }
             }
         }
+        if (p0 == c_begin + warp * 16 * U && lane == 0) KVQ_TIMELINE_STAMP(2 + warp, KVQ_TIMELINE_NOW());
     }
+#if defined(KVQ_TIMELINE)
+    if (lane == 0) KVQ_TIMELINE_STAMP(6 + warp, KVQ_TIMELINE_NOW());
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        KVQ_TIMELINE_STAMP(10, KVQ_TIMELINE_NOW());
+        KVQ_TIMELINE_STAMP(11, c_end > c_begin ? c_end - c_begin : 0);
+    }
+#endif
 }
 
 // Step 2, tensor-core path, pipelined (QjlScoreArgs::tc_pipelined on sm_90; otherwise the
@@ -731,6 +634,11 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
     const long long wg = static_cast<long long>(blockIdx.x) * kQjlPipeWarps + warp;
     const long long i0 = wg * items / nwt;
     const int n = static_cast<int>((wg + 1) * items / nwt - i0);
+    if (threadIdx.x == 0) {  // --timeline stamps (KVQ_TIMELINE builds only): warps 0-3 of the 8
+        KVQ_TIMELINE_STAMP(0, KVQ_TIMELINE_SMID());
+        KVQ_TIMELINE_STAMP(1, KVQ_TIMELINE_NOW());
+        KVQ_TIMELINE_STAMP(11, static_cast<unsigned long long>(n > 0 ? n : 0) * kQjlPipeTile * kQjlPipeWarps);
+    }
     if (n <= 0) return;  // warp-uniform; no CTA-wide barrier below
 
     if (lane == 0) {
@@ -784,6 +692,7 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
     // after the wait, and through L2 (__ldcg), since the non-coherent path (__ldg) assumes data that
     // is read-only for the whole kernel.
     qjl_pdl_wait();
+    if (threadIdx.x == 0) KVQ_TIMELINE_STAMP(12, KVQ_TIMELINE_NOW());  // the query records may be read
 
     const QjlQueryLayout QL = QjlQueryLayout::of(a.m);
     const std::size_t rw = QL.record_words();
@@ -818,6 +727,7 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
         }
         const std::uint8_t* st = ring + stage * stage_bytes;
         tc::mbar_wait(bars + stage, parity);
+        if (k == 0 && lane == 0 && warp < 4) KVQ_TIMELINE_STAMP(2 + warp, KVQ_TIMELINE_NOW());
         const int t0 = tile * kQjlPipeTile;
         float* out = a.scores + std::size_t(kv) * G * ss + (t0 + row);  // + hh * ss + 16 u
         const std::uint8_t* fr = st + g * cb;                           // + (16 u) cb: row g of step u
@@ -886,6 +796,8 @@ __global__ void __launch_bounds__(kQjlPipeWarps * 32, (GT > 0 ? GT * KS : 2 * KS
         if (++stage == stages) stage = 0, parity ^= 1u;
         if (++tile == tph) tile = 0, ++kv;
     }
+    if (lane == 0 && warp < 4) KVQ_TIMELINE_STAMP(6 + warp, KVQ_TIMELINE_NOW());
+    if (threadIdx.x == 0) KVQ_TIMELINE_STAMP(10, KVQ_TIMELINE_NOW());  // warp 0's end (no CTA barrier)
 #else
     (void)a, (void)rec, (void)c_in, (void)stages;
     __trap();  // the host selects this kernel on sm_90+ only
@@ -1021,28 +933,6 @@ inline void qjl_launch_tc(const QjlScoreArgs& a, const std::uint32_t* rec, bool 
     }
 }
 
-// The query preparation of the tensor path in one launch on `stream` (qjl_query_prep_kernel):
-// for each of a.n_q_heads heads, from a.query (a.query_type, a.query_stride), a.sketch
-// ([a.m][a.head_dim]), a.head_dim and a.m (other fields unused; needs m a multiple of 32 in
-// [32, 1024], head_dim <= 256):
-//   proj  [n_q_heads][m] fp32 S q (nullptr: not written)
-//   qf    [n_q_heads][head_dim] fp32 q (nullptr: not written)
-//   rec   [n_q_heads][QjlQueryLayout::of(m).record_words()] the int8 bit-sliced records
-//   projq [n_q_heads][m] fp32 u * s
-// Bit-identical to qjl_project_kernel (st = nullptr) followed by qjl_quantize_query_kernel. It lets
-// the next launch on the stream start early (programmatic dependent launch); a kernel launched
-// that way must execute griddepcontrol.wait before reading these outputs, any other launch is
-// ordered as usual. No host synchronisation; graph-capturable.
-inline void launch_qjl_query_prep(const QjlScoreArgs& a, float* proj, float* qf, std::uint32_t* rec, float* projq,
-                                  cudaStream_t stream) {
-    KVQ_CHECK(a.m >= 32 && a.m <= 1024 && a.m % 32 == 0 && a.head_dim >= 1 && a.head_dim <= 256 && a.n_q_heads > 0,
-              "kvq::cuda::detail::launch_qjl_query_prep: needs m a multiple of 32 in [32, 1024], head_dim <= 256");
-    KVQ_CHECK(rec != nullptr && projq != nullptr && a.sketch != nullptr && a.query != nullptr,
-              "kvq::cuda::detail::launch_qjl_query_prep: sketch, query, rec and projq must be set");
-    qjl_query_prep_kernel<<<a.n_q_heads, kQjlPrepWarps * 32, 0, stream>>>(a, proj, qf, rec, projq);
-    KVQ_CUDA_CHECK_LAUNCH("qjl_query_prep_kernel");
-}
-
 }  // namespace detail
 
 inline CheckResult can_implement(const QjlScoreArgs& a) {
@@ -1107,13 +997,7 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
     KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
     const bool tensor = qjl_score_uses_tensor_path(a) && cc_major >= 8;  // BMMA needs sm_80+
 
-    if (tensor && a.tc_pipelined && cc_major >= 9) {
-        auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
-        detail::launch_qjl_query_prep(a, proj, qf, rec, reinterpret_cast<float*>(base + w.projq), stream);
-        if (a.n_tokens == 0) return;
-        detail::qjl_launch_pipe(a, rec, sms, stream);
-        return;
-    }
+    const bool pipelined = tensor && a.tc_pipelined && cc_major >= 9;
     {
         const dim3 pgrid(a.n_q_heads, (a.sketch_rows + 7) / 8);
         detail::qjl_project_kernel<<<pgrid, 256, a.head_dim * sizeof(float), stream>>>(a, proj, qf, st);
@@ -1123,9 +1007,18 @@ inline void launch_qjl_score(const QjlScoreArgs& a, cudaStream_t stream, void* w
         auto* rec = reinterpret_cast<std::uint32_t*>(base + w.rec);
         auto* projq = reinterpret_cast<float*>(base + w.projq);
         // proj rows are sketch_rows = m floats apart without outliers, as the kernel expects.
-        detail::qjl_quantize_query_kernel<<<a.n_q_heads, 32 * ((a.m + 31) / 32), 0, stream>>>(proj, a.m, rec, projq);
+        if ((a.tc_pdl || pipelined) && cc_major >= 9)
+            detail::qjl_launch_dependent(detail::qjl_quantize_query_kernel, dim3(a.n_q_heads), 32 * ((a.m + 31) / 32),
+                                         0, stream, static_cast<const float*>(proj), a.m, rec, projq);
+        else
+            detail::qjl_quantize_query_kernel<<<a.n_q_heads, 32 * ((a.m + 31) / 32), 0, stream>>>(proj, a.m, rec,
+                                                                                                  projq);
         KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
         if (a.n_tokens == 0) return;
+        if (pipelined) {  // always a programmatic dependent of the quantisation
+            detail::qjl_launch_pipe(a, rec, sms, stream);
+            return;
+        }
         detail::qjl_launch_tc(a, rec, a.tc_pdl && cc_major >= 9, sms, stream);
         return;
     }
