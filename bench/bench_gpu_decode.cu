@@ -16,8 +16,9 @@
 // output + partials. "% copy" relates bytes / graph time to the device-to-device cudaMemcpy
 // bandwidth measured in the same binary (read + write counted).
 // Every configuration the tensor-core kernel takes (QJL keys, token-wise int4 keys, WKV int4 keys) gets
-// three rows: "[tensor cores]" (the default call: bulk-copy staging), "[tensor cores, per-lane
-// cp.async]" and "[CUDA cores]" (cuda_core_only, the previous kernel), side by side.
+// four rows: "[tensor cores]" (the default call: bulk-copy staging, launches overlapped as programmatic
+// dependents), "[tensor cores, per-lane cp.async]", "[tensor cores, no PDL]" (plain stream order) and
+// "[CUDA cores]" (cuda_core_only, the previous kernel), side by side.
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
@@ -471,6 +472,11 @@ int main(int argc, char** argv) {
                     ab.tc_bulk_staging = false;
                     const Timing bt = time_decode(ab, ws);
                     rows.push_back({name + " [tensor cores, per-lane cp.async]", batch, T, bt, bytes});
+                    // The same call in plain stream order (no programmatic dependent launches).
+                    kvq::cuda::DecodeAttentionArgs ap = a;
+                    ap.pdl = false;
+                    const Timing pt = time_decode(ap, ws);
+                    rows.push_back({name + " [tensor cores, no PDL]", batch, T, pt, bytes});
                 }
                 if (!sweep && kvq::cuda::detail::dec_plan(a).tc) {
                     // The same call on the CUDA-core kernel, for comparison.

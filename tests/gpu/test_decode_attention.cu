@@ -75,6 +75,7 @@ struct DecCase {
     int expect_tc = -1;      // 1 / 0: assert that the tensor-core path is / is not taken
     bool bulk = false;       // DecodeAttentionArgs::tc_bulk_staging (the library's default is true)
     bool cuda_core = false;  // DecodeAttentionArgs::cuda_core_only
+    bool pdl = true;         // DecodeAttentionArgs::pdl (launches as programmatic dependents on sm_90)
 };
 
 std::string describe(const DecCase& c) {
@@ -85,8 +86,8 @@ std::string describe(const DecCase& c) {
         " Hkv=" + std::to_string(c.H_kv) + " B=" + std::to_string(c.B) + " kwin=" + std::to_string(c.kwin) +
         " vwin=" + std::to_string(c.vwin) + (c.cur ? " cur" : "") + " chunk=" + std::to_string(c.chunk) +
         (c.graph ? " graph" : "") + (c.wkv ? " wkv" : "") + (c.bulk ? " bulk" : "") +
-        (c.cuda_core ? " cuda_core_only" : "") + " q*" + std::to_string(c.qscale) + " v*" + std::to_string(c.vscale) +
-        " lens=";
+        (c.cuda_core ? " cuda_core_only" : "") + (c.pdl ? "" : " no-pdl") + " q*" + std::to_string(c.qscale) + " v*" +
+        std::to_string(c.vscale) + " lens=";
     for (int l : c.lens) s += std::to_string(l) + ",";
     return s;
 }
@@ -286,6 +287,7 @@ void run_case(const DecCase& c) {
     kvq::cuda::DecodeAttentionArgs a;
     a.tc_bulk_staging = c.bulk;
     a.cuda_core_only = c.cuda_core;
+    a.pdl = c.pdl;
     a.head_dim = d;
     a.n_q_heads = Hq;
     a.n_kv_heads = H;
@@ -539,6 +541,31 @@ TEST(DecodeAttentionGpu, TensorCorePathBulkStaging) {
     g.bulk = true;
     g.graph = true;
     run_case(g);
+}
+
+// Plain stream order (DecodeAttentionArgs::pdl = false) against the same references as the default's
+// overlapped launches: QJL keys (projection -> quantisation -> tensor-core kernel -> tail, all
+// dependents on sm_90 by default) and WKV keys (tensor-core kernel -> tail), with windows, the current
+// token, two tail chunks + the combine or one tail chunk that merges, plus a graph replay.
+TEST(DecodeAttentionGpu, PlainStreamOrder) {
+    for (bool pdl : {false, true}) {
+        // max_tokens 5000: two tail chunks and the combine launch; 4000: one tail chunk that merges.
+        for (int longest : {4999, 3999}) {
+            DecCase c = qjl_case(128, 256, 2, 1, {longest, 1, 2048, 64});
+            c.expect_tc = 1;
+            c.bulk = true;
+            c.pdl = pdl;
+            run_case(c);
+        }
+        DecCase w = int_case(128, 4, 4, 1, {3001, 700, 64});
+        w.kgroup = w.vgroup = 128;
+        w.wkv = true;
+        w.expect_tc = 1;
+        w.bulk = true;
+        w.pdl = pdl;
+        w.graph = pdl;
+        run_case(w);
+    }
 }
 
 TEST(DecodeAttentionGpu, TensorCorePathShapes) {

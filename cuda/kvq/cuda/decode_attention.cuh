@@ -39,6 +39,11 @@
 //     M = max m_i, out = sum_i e^{m_i - M} acc_i / sum_i e^{m_i - M} l_i. After the tensor-core
 //     kernel with a single tail chunk (max_window_tokens <= 4080), the tail's CTAs do this merge
 //     themselves and there is no third launch.
+// On sm_90 (DecodeAttentionArgs::pdl) the quantisation, the tensor-core kernel (QJL keys) and the
+// single merging tail chunk are programmatic dependent launches of the launch before them: each
+// becomes resident early and waits (griddepcontrol.wait) only before it reads its predecessor's
+// output; a dependent that reads the caller's data is never launched ahead of the call's first
+// launch.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -116,6 +121,13 @@ struct DecodeAttentionArgs {
     // tokens (decode_attention_tc.cuh); false: per-lane 16-byte cp.async (A/B comparisons, tests).
     // Bulk staging is 1.16x faster at 64k tokens, batch 1, and 1.29x at batch 8 (H100, bench/RESULTS.md).
     bool tc_bulk_staging = true;
+    // sm_90: the launches of a call overlap as programmatic dependents (PDL): the query quantisation
+    // waits for the projection inside its CTAs, the tensor-core kernel issues its first tile copies
+    // during the quantisation (QJL keys; it waits for the records before it reads them), and the single
+    // tail chunk does its own positions during the tensor-core kernel and waits only before merging the
+    // parts. H100, 64k tokens x 32 heads, batch 1: QJL 79.2 vs 83.0 us, WKV 130.4 vs 132.9, int4 145.4
+    // vs 146.3 (bench/RESULTS.md, round 6). false: plain stream order (A/B comparisons, tests).
+    bool pdl = true;
 };
 
 // Fills the key fields from a codec (QjlKeyCodec without outliers or TokenwiseCodec).
@@ -191,12 +203,13 @@ inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
         p.chunk = a.chunk_tokens;
     } else {
         // Chunks per (sequence, KV head) from a cost model fitted to a sweep of every candidate on an
-        // H100 (bench_gpu_decode --sweep, 3 configurations x batch 1 / 8 x T 4k / 16k / 64k; it picks the
-        // fastest chunk in all 18, the wave-efficiency rule it replaces was up to 45% slower). The busiest SM
-        // runs k = ceil(CTAs / SMs) CTAs, cps at a time; a round of c CTAs of L positions costs
-        // max(c, 2.5) L bytes_per_position (one CTA alone streams at about 1 / 2.5 of an SM's share of
-        // bandwidth) plus 150 KB of streaming (a CTA's start and drain: its pipeline fill, the warps'
-        // merge), and each chunk adds 20 KB (the combine's serial pass over its partials).
+        // H100 (bench_gpu_decode --sweep, 3 configurations x batch 1 / 8 x T 4k / 16k / 64k; refitted in
+        // round 6, after the warps' merge lost its ~8 us of shared-memory CAS loops: it picks the fastest
+        // chunk in 17 of 18 and is 0.6% off in the last). The busiest SM runs k = ceil(CTAs / SMs) CTAs,
+        // cps at a time; a round of c CTAs of L positions costs max(c, 2.5) L bytes_per_position (one CTA
+        // alone streams at about 1 / 2.5 of an SM's share of bandwidth) plus 150 KB of streaming (a CTA's
+        // start and drain: the first tiles' latency, the last tiles' spread, the merge). The per-chunk
+        // term of round 5 (20 KB) fits the new sweep worse at every value tried and is gone.
         int dev = 0, sms = 132;
         if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
         if (sms <= 0) sms = 132;
@@ -204,7 +217,7 @@ inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
         const long long heads = static_cast<long long>(a.batch) * a.n_kv_heads, T = a.max_tokens > 0 ? a.max_tokens : 1;
         const double bpp = double(a.key_block_bytes) / double(a.key_layout.block_tokens) +
                            double(a.value_block_bytes) / double(a.value_layout.block_tokens);
-        constexpr double kSoloShare = 2.5, kRoundBytes = 150e3, kChunkBytes = 20e3;
+        constexpr double kSoloShare = 2.5, kRoundBytes = 150e3;
         long long best_chunk = 0;
         double best_cost = 0;
         for (long long want = 1; want <= 64; ++want) {
@@ -213,7 +226,6 @@ inline DecPlan dec_plan(const DecodeAttentionArgs& a) {
             const double round = double(std::min(chunk, T)) * bpp;
             double cost = double(k / cps) * (std::max(double(cps), kSoloShare) * round + kRoundBytes);
             if (k % cps) cost += std::max(double(k % cps), kSoloShare) * round + kRoundBytes;
-            cost += kChunkBytes * double(nch);
             if (best_chunk == 0 || cost < best_cost) {  // ties: the larger chunk (found first)
                 best_cost = cost;
                 best_chunk = chunk;
@@ -734,6 +746,7 @@ __global__ void __launch_bounds__(kDecThreads, GT == 1 ? 3 : (GT == 8 ? 1 : 2))
     // block's partial writes visible to all its threads; the tensor-core kernel's are complete.
     if (tail == 2) {
         __syncthreads();
+        qjl_pdl_wait();  // launched as the tensor-core kernel's programmatic dependent (DecodeAttentionArgs::pdl)
         for (int h = 0; h < G; ++h)
             dec_merge_head(a, kv * G + h, b, n_parts, n_parts, part_ml, part_acc, accbuf, accbuf + 256, accbuf + 512);
     }
@@ -839,6 +852,10 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
     float* projq = reinterpret_cast<float*>(base + w.projq);
     auto* qrec = reinterpret_cast<std::uint32_t*>(base + w.qrec);
 
+    int dev = 0, cc_major = 0;
+    KVQ_CUDA_CHECK(cudaGetDevice(&dev));
+    KVQ_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+    const bool pdl = a.pdl && cc_major >= 9;
     if (a.key_format == KeyFormat::Qjl) {
         QjlScoreArgs q;
         q.head_dim = a.head_dim;
@@ -853,8 +870,13 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
             q, proj, reinterpret_cast<float*>(base + w.qf), nullptr);
         KVQ_CUDA_CHECK_LAUNCH("qjl_project_kernel");
         // Every GPU path scores with the int8 bit-sliced query (qjl_query.cuh), as the CPU decode does.
-        detail::qjl_quantize_query_kernel<<<q.n_q_heads, 32 * ((a.qjl_m + 31) / 32), 0, stream>>>(proj, a.qjl_m, qrec,
-                                                                                                  projq);
+        if (pdl)
+            detail::qjl_launch_dependent(detail::qjl_quantize_query_kernel, dim3(q.n_q_heads),
+                                         32 * ((a.qjl_m + 31) / 32), 0, stream, static_cast<const float*>(proj),
+                                         a.qjl_m, qrec, projq);
+        else
+            detail::qjl_quantize_query_kernel<<<q.n_q_heads, 32 * ((a.qjl_m + 31) / 32), 0, stream>>>(proj, a.qjl_m,
+                                                                                                      qrec, projq);
         KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
     }
 
@@ -864,8 +886,15 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         const dim3 tgrid(plan.n_main, a.n_kv_heads, a.batch);
         auto tlaunch = [&](auto kernel) {
             KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(tsmem)));
-            kernel<<<tgrid, detail::kTcWarps * 32, tsmem, stream>>>(a, qrec, plan.chunk, plan.n_parts, stages, ml,
-                                                                    accp);
+            // Only after our own quantisation: token-wise keys read the caller's query, which the
+            // caller's previous launch may still be writing.
+            if (pdl && a.key_format == KeyFormat::Qjl)
+                detail::qjl_launch_dependent(kernel, tgrid, detail::kTcWarps * 32, tsmem, stream, a,
+                                             static_cast<const std::uint32_t*>(qrec), plan.chunk, plan.n_parts, stages,
+                                             ml, accp);
+            else
+                kernel<<<tgrid, detail::kTcWarps * 32, tsmem, stream>>>(a, qrec, plan.chunk, plan.n_parts, stages, ml,
+                                                                        accp);
             KVQ_CUDA_CHECK_LAUNCH("decode_tc_kernel");
         };
         // Template arguments: head dim, value bits, G, key bits (0 = QJL).
@@ -912,8 +941,12 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
     auto launch = [&](auto kernel, const char* name) {
         if (smem > 48 * 1024)
             KVQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-        kernel<<<grid, detail::kDecThreads, smem, stream>>>(a, tables, chunk, ml, accp, part_offset, plan.n_parts,
-                                                            tail);
+        if (pdl && tail == 2)  // waits for the tensor-core kernel before its merge
+            detail::qjl_launch_dependent(kernel, grid, detail::kDecThreads, smem, stream, a, tables, chunk, ml, accp,
+                                         part_offset, plan.n_parts, tail);
+        else
+            kernel<<<grid, detail::kDecThreads, smem, stream>>>(a, tables, chunk, ml, accp, part_offset, plan.n_parts,
+                                                                tail);
         KVQ_CUDA_CHECK_LAUNCH(name);
     };
     // Dispatch over (GT, key format/bits, value bits).

@@ -303,6 +303,88 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     (void)mbar;
 #endif
 
+    // The first tiles are issued before the per-CTA query setup below (records, the token-wise B
+    // fragments with their barriers), so that DRAM is busy from the CTA's first microsecond: issued
+    // after it, the first tile of a WKV CTA arrived ~9 us after entry (bench_gpu_decode --timeline).
+    // Tile k of this warp: positions [c_begin + (warp + k W) 64, ...).
+    const int my_tiles = n_tiles > warp ? (n_tiles - warp + kTcWarps - 1) / kTcWarps : 0;
+    auto tile_pos = [&](int k) { return c_begin + (warp + k * kTcWarps) * kTcTile; };
+    // Page ids of tile k: lane sp (< 4) holds the key block of step sp, lane 4 + sp the value block.
+    // Loaded one iteration before their tile is issued, so the cp.async issue never waits on them.
+    auto load_pages = [&](int k) -> std::uint32_t {
+        if (k >= my_tiles || lane >= 8) return 0u;
+        const int p = tile_pos(k) + 16 * (lane & 3);
+        if (p >= c_end) return 0u;
+        return lane < 4 ? __ldg(kpages + (p >> ksh)) : __ldg(vpages + (p >> vsh));
+    };
+    // Stage of tile k = k % n_stages, kept as running counters (no integer division in the loop).
+    auto issue = [&](int k, std::uint32_t pg, int stage) {
+#if defined(KVQ_TC_HAS_BULK_COPY)
+        if (bulk) {
+            const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, 0), vpg = __shfl_sync(0xffffffffu, pg, 4);
+            if (k < my_tiles && lane == 0) {
+                std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
+                const int p0 = tile_pos(k), np = 16 * min(4, (c_end - p0) / 16);
+                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
+                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
+                const int tk = p0 & (KB - 1), tv = p0 & (VB - 1);
+                const unsigned kbytes = np * kcb, nbytes = np * kspp, vbytes = np * vcb, sbytes = np * vng * 2;
+                std::uint64_t* bar = mbar + stage;
+                tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
+                tc::mbar_arrive_expect_tx(bar, kbytes + (kQjl ? 1 : 2) * nbytes + vbytes + 2 * sbytes);
+                tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
+                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * kspp, nbytes, bar);
+                if constexpr (!kQjl)  // key minima
+                    tc::bulk_g2s(s + st.kn + kTcTile * kspp, kb + kside + std::size_t(KB + tk) * kspp, nbytes, bar);
+                tc::bulk_g2s(s + st.vc, vb + std::size_t(tv) * vcb, vbytes, bar);
+                tc::bulk_g2s(s + st.vs, vb + vside + std::size_t(tv) * vng * 2, sbytes, bar);
+                tc::bulk_g2s(s + st.vs + kTcTile * vng * 2, vb + vside + std::size_t(VB + tv) * vng * 2, sbytes, bar);
+            }
+            return;
+        }
+#endif
+        if (k < my_tiles) {
+            std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
+            const int p0 = tile_pos(k), ns = min(4, (c_end - p0) / 16);
+#pragma unroll
+            for (int sp = 0; sp < 4; ++sp) {
+                const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, sp), vpg = __shfl_sync(0xffffffffu, pg, 4 + sp);
+                if (sp >= ns) continue;
+                const int p = p0 + 16 * sp;
+                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
+                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
+                const int tk = p & (KB - 1), tv = p & (VB - 1);
+                for (int q = lane; q < kcb; q += 32)
+                    tc::cp_async16(s + st.kc + sp * 16 * kcb + 16 * q, kb + std::size_t(tk) * kcb + 16 * q);
+                if constexpr (kQjl) {
+                    if (lane < 2)
+                        tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
+                } else {  // steps then minima: 16 positions x kng fp16 = kspp 16-byte chunks each
+                    for (int q = lane; q < 2 * kspp; q += 32) {
+                        const int half = q >= kspp, qq = half ? q - kspp : q;
+                        tc::cp_async16(s + st.kn + half * kTcTile * kspp + sp * 16 * kspp + 16 * qq,
+                                       kb + kside + std::size_t(half) * KB * kspp + std::size_t(tk) * kspp + 16 * qq);
+                    }
+                }
+                for (int q = lane; q < vcb; q += 32)
+                    tc::cp_async16(s + st.vc + sp * 16 * vcb + 16 * q, vb + std::size_t(tv) * vcb + 16 * q);
+                if (lane < 4 * vng) {  // steps then minima: 16 positions x vng fp16 = 2 vng chunks each
+                    const int half = lane / (2 * vng), q = lane % (2 * vng);
+                    tc::cp_async16(s + st.vs + half * kTcTile * vng * 2 + sp * 32 * vng + 16 * q,
+                                   vb + vside + std::size_t(half) * VB * vng * 2 + std::size_t(tv) * vng * 2 + 16 * q);
+                }
+            }
+        }
+        tc::cp_async_commit();
+    };
+    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
+    std::uint32_t pg_next = load_pages(n_stages - 1);
+    // QJL keys with DecodeAttentionArgs::pdl: launched as a programmatic dependent of the query
+    // quantisation; the records are read below, after the wait. The tail launch after this kernel may
+    // then start (it waits for this grid before it merges). Both are no-ops in a plain launch.
+    qjl_pdl_wait();
+    qjl_pdl_launch_dependents();
+
     // QJL: query planes of the G heads (B operands of the BMMA), the scale and usum.
     std::uint32_t bq[kQjl ? G : 1][4][2];
     float cs[G];
@@ -434,79 +516,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
     float macc = 0.f;
     int e_b = 120, e_d[2] = {120, 120};  // per-column weight exponents (non-increasing)
 
-    // Tile k of this warp: positions [c_begin + (warp + k W) 64, ...).
-    const int my_tiles = n_tiles > warp ? (n_tiles - warp + kTcWarps - 1) / kTcWarps : 0;
-    auto tile_pos = [&](int k) { return c_begin + (warp + k * kTcWarps) * kTcTile; };
-    // Page ids of tile k: lane sp (< 4) holds the key block of step sp, lane 4 + sp the value block.
-    // Loaded one iteration before their tile is issued, so the cp.async issue never waits on them.
-    auto load_pages = [&](int k) -> std::uint32_t {
-        if (k >= my_tiles || lane >= 8) return 0u;
-        const int p = tile_pos(k) + 16 * (lane & 3);
-        if (p >= c_end) return 0u;
-        return lane < 4 ? __ldg(kpages + (p >> ksh)) : __ldg(vpages + (p >> vsh));
-    };
-    // Stage of tile k = k % n_stages, kept as running counters (no integer division in the loop).
-    auto issue = [&](int k, std::uint32_t pg, int stage) {
-#if defined(KVQ_TC_HAS_BULK_COPY)
-        if (bulk) {
-            const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, 0), vpg = __shfl_sync(0xffffffffu, pg, 4);
-            if (k < my_tiles && lane == 0) {
-                std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
-                const int p0 = tile_pos(k), np = 16 * min(4, (c_end - p0) / 16);
-                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
-                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
-                const int tk = p0 & (KB - 1), tv = p0 & (VB - 1);
-                const unsigned kbytes = np * kcb, nbytes = np * kspp, vbytes = np * vcb, sbytes = np * vng * 2;
-                std::uint64_t* bar = mbar + stage;
-                tc::fence_proxy_async_smem();  // the warp's reads of this stage (synced) come first
-                tc::mbar_arrive_expect_tx(bar, kbytes + (kQjl ? 1 : 2) * nbytes + vbytes + 2 * sbytes);
-                tc::bulk_g2s(s + st.kc, kb + std::size_t(tk) * kcb, kbytes, bar);
-                tc::bulk_g2s(s + st.kn, kb + kside + std::size_t(tk) * kspp, nbytes, bar);
-                if constexpr (!kQjl)  // key minima
-                    tc::bulk_g2s(s + st.kn + kTcTile * kspp, kb + kside + std::size_t(KB + tk) * kspp, nbytes, bar);
-                tc::bulk_g2s(s + st.vc, vb + std::size_t(tv) * vcb, vbytes, bar);
-                tc::bulk_g2s(s + st.vs, vb + vside + std::size_t(tv) * vng * 2, sbytes, bar);
-                tc::bulk_g2s(s + st.vs + kTcTile * vng * 2, vb + vside + std::size_t(VB + tv) * vng * 2, sbytes, bar);
-            }
-            return;
-        }
-#endif
-        if (k < my_tiles) {
-            std::uint8_t* s = wsm + std::size_t(stage) * st.bytes;
-            const int p0 = tile_pos(k), ns = min(4, (c_end - p0) / 16);
-#pragma unroll
-            for (int sp = 0; sp < 4; ++sp) {
-                const std::uint32_t kpg = __shfl_sync(0xffffffffu, pg, sp), vpg = __shfl_sync(0xffffffffu, pg, 4 + sp);
-                if (sp >= ns) continue;
-                const int p = p0 + 16 * sp;
-                const std::uint8_t* kb = a.key_pool + std::size_t(kpg) * a.key_block_bytes;
-                const std::uint8_t* vb = a.value_pool + std::size_t(vpg) * a.value_block_bytes;
-                const int tk = p & (KB - 1), tv = p & (VB - 1);
-                for (int q = lane; q < kcb; q += 32)
-                    tc::cp_async16(s + st.kc + sp * 16 * kcb + 16 * q, kb + std::size_t(tk) * kcb + 16 * q);
-                if constexpr (kQjl) {
-                    if (lane < 2)
-                        tc::cp_async16(s + st.kn + sp * 32 + 16 * lane, kb + kside + std::size_t(tk) * 2 + 16 * lane);
-                } else {  // steps then minima: 16 positions x kng fp16 = kspp 16-byte chunks each
-                    for (int q = lane; q < 2 * kspp; q += 32) {
-                        const int half = q >= kspp, qq = half ? q - kspp : q;
-                        tc::cp_async16(s + st.kn + half * kTcTile * kspp + sp * 16 * kspp + 16 * qq,
-                                       kb + kside + std::size_t(half) * KB * kspp + std::size_t(tk) * kspp + 16 * qq);
-                    }
-                }
-                for (int q = lane; q < vcb; q += 32)
-                    tc::cp_async16(s + st.vc + sp * 16 * vcb + 16 * q, vb + std::size_t(tv) * vcb + 16 * q);
-                if (lane < 4 * vng) {  // steps then minima: 16 positions x vng fp16 = 2 vng chunks each
-                    const int half = lane / (2 * vng), q = lane % (2 * vng);
-                    tc::cp_async16(s + st.vs + half * kTcTile * vng * 2 + sp * 32 * vng + 16 * q,
-                                   vb + vside + std::size_t(half) * VB * vng * 2 + std::size_t(tv) * vng * 2 + 16 * q);
-                }
-            }
-        }
-        tc::cp_async_commit();
-    };
-    for (int k = 0; k < n_stages - 1; ++k) issue(k, load_pages(k), k);
-    std::uint32_t pg_next = load_pages(n_stages - 1);
     int rd_stage = 0, wr_stage = n_stages - 1;  // stages of tiles k and k + n_stages - 1
     unsigned rd_parity = 0;                     // (k / n_stages) & 1: phase of tile k's stage barrier
 
