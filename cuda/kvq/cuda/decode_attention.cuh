@@ -873,10 +873,10 @@ inline void launch_decode_attention(const DecodeAttentionArgs& a, cudaStream_t s
         if (pdl)
             detail::qjl_launch_dependent(detail::qjl_quantize_query_kernel, dim3(q.n_q_heads),
                                          32 * ((a.qjl_m + 31) / 32), 0, stream, static_cast<const float*>(proj),
-                                         a.qjl_m, qrec, projq);
+                                         a.qjl_m, qrec, projq, false);
         else
-            detail::qjl_quantize_query_kernel<<<q.n_q_heads, 32 * ((a.qjl_m + 31) / 32), 0, stream>>>(proj, a.qjl_m,
-                                                                                                      qrec, projq);
+            detail::qjl_quantize_query_kernel<<<q.n_q_heads, 32 * ((a.qjl_m + 31) / 32), 0, stream>>>(
+                proj, a.qjl_m, qrec, projq, false);
         KVQ_CUDA_CHECK_LAUNCH("qjl_quantize_query_kernel");
     }
 

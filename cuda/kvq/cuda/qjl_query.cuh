@@ -46,18 +46,19 @@ __device__ __forceinline__ void qjl_pdl_wait() {
 }
 
 // grid: query heads; block: ceil(m / 32) warps (m <= 1024). proj [heads][m] -> rec [heads][record_words],
-// projq [heads][m] (u * s).
-static __global__ void qjl_quantize_query_kernel(const float* proj, int m, std::uint32_t* rec, float* projq) {
-    // This grid may be a programmatic dependent of the projection: wait for it. Only then may the score
-    // or decode kernel launched as this grid's dependent (QjlScoreArgs::tc_pdl, DecodeAttentionArgs::pdl)
-    // start (it waits for this grid's completion before it reads the records): triggered earlier, its
-    // CTAs took the SMs' slots from the projection's (QJL decode at batch 1: 84.2 vs 81.9 us).
+// projq [heads][m] (u * s). This grid may be a programmatic dependent of the projection: it waits for
+// it before reading proj. early_trigger: the launch after this one (a programmatic dependent that waits
+// for this grid before it reads the records) may start at once, i.e. during the projection; else only
+// after this grid's wait.
+static __global__ void qjl_quantize_query_kernel(const float* proj, int m, std::uint32_t* rec, float* projq,
+                                                 bool early_trigger) {
     __shared__ float s_max[32];
     __shared__ int s_sum[32];
     const QjlQueryLayout L = QjlQueryLayout::of(m);
     const int h = blockIdx.x, j = threadIdx.x, lane = j % 32, warp = j / 32, nw = blockDim.x / 32;
+    if (early_trigger) qjl_pdl_launch_dependents();
     qjl_pdl_wait();
-    qjl_pdl_launch_dependents();
+    if (!early_trigger) qjl_pdl_launch_dependents();
     const float p = j < m ? proj[std::size_t(h) * m + j] : 0.f;
     float mx = fabsf(p);
 #pragma unroll
