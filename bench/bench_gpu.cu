@@ -1,6 +1,6 @@
 // GPU benchmark: QJL key scoring over paged blocks (kvq::cuda::launch_qjl_score) against its
 // memory floor and against cuBLAS fp16 q.K^T on the same tokens. Plain main() with CUDA events:
-//   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas]
+//   kvq-bench-gpu [--runs N] [--tokens T] [--no-cublas] [--timeline]
 // Paths: "tc" = the default without outliers (int8 bit-sliced query, BMMA on tensor cores; on sm_90
 // the pipelined bulk-copy kernel, QjlScoreArgs::tc_pipelined), "tc-direct" = the same scores from the
 // direct-load kernel (tc_pipelined = false), "tc-plain" = that one with QjlScoreArgs::tc_pdl = false (no
@@ -140,7 +140,7 @@ int main(int argc, char** argv) {
             only_tokens = std::atoi(argv[++i]);
         else if (!std::strcmp(argv[i], "--no-cublas"))
             blas_on = false;
-        else if (!std::strcmp(argv[i], "--timeline"))  // builds with -DKVQ_TIMELINE: CTA stamps of "tc"
+        else if (!std::strcmp(argv[i], "--timeline"))  // builds with -DKVQ_TIMELINE (see the top)
             timeline = true;
         else {
             std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--no-cublas] [--timeline]\n", argv[0]);

@@ -7,7 +7,7 @@
 //   (positions per CTA of the tensor-core kernel, a multiple of 256; also the split of the CUDA-core and
 //   fp16 rows) instead of the planners' choice; --sweep: after each tensor-core row, the same call at
 //   chunk_tokens 256 .. T (one "sweep:" line each, graph us), the data behind the planner's cost model
-//   (dec_plan)
+//   (dec_plan); --timeline (builds with -DKVQ_TIMELINE): the per-CTA stamps of each tensor-core row's call
 // H_q = H_kv = 32, d = 128, block 64 tokens, no window and no current token (all tokens in blocks),
 // fp32 query and output. Median of N (default 30) warmed-up runs with CUDA events, each run on the
 // next of several copies of the inputs (working set > 200 MB, L2 is 50 MB) where memory allows;
@@ -261,7 +261,9 @@ int main(int argc, char** argv) {
         else if (!std::strcmp(argv[i], "--timeline"))
             timeline = true;
         else {
-            std::fprintf(stderr, "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--sweep]\n",
+            std::fprintf(stderr,
+                         "usage: %s [--runs N] [--tokens T] [--batch B] [--cfg 0|1|2] [--chunk C] [--sweep] "
+                         "[--timeline]\n",
                          argv[0]);
             return 2;
         }

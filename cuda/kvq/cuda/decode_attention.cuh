@@ -125,8 +125,8 @@ struct DecodeAttentionArgs {
     // waits for the projection inside its CTAs, the tensor-core kernel issues its first tile copies
     // during the quantisation (QJL keys; it waits for the records before it reads them), and the single
     // tail chunk does its own positions during the tensor-core kernel and waits only before merging the
-    // parts. H100, 64k tokens x 32 heads, batch 1: QJL 79.2 vs 83.0 us, WKV 130.4 vs 132.9, int4 145.4
-    // vs 146.3 (bench/RESULTS.md, round 6). false: plain stream order (A/B comparisons, tests).
+    // parts. H100, 64k tokens x 32 heads, batch 1: QJL 76.4 vs 80.0 us, WKV 131.6 vs 133.9, int4 144.6
+    // vs 147.2 (bench/RESULTS.md, round 6). false: plain stream order (A/B comparisons, tests).
     bool pdl = true;
 };
 

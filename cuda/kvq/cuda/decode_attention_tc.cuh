@@ -304,8 +304,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, tc_min_ctas<D, G, KBITS>())
 #endif
 
     // The first tiles are issued before the per-CTA query setup below (records, the token-wise B
-    // fragments with their barriers), so that DRAM is busy from the CTA's first microsecond: issued
-    // after it, the first tile of a WKV CTA arrived ~9 us after entry (bench_gpu_decode --timeline).
+    // fragments with their barriers) and, as a programmatic dependent, before the wait for the records,
+    // so the copies overlap both. (It did not move the first tile's arrival: at batch 1 the grid asks
+    // for ~27 MB at once, ~9 us at copy speed either way; bench_gpu_decode --timeline.)
     // Tile k of this warp: positions [c_begin + (warp + k W) 64, ...).
     const int my_tiles = n_tiles > warp ? (n_tiles - warp + kTcWarps - 1) / kTcWarps : 0;
     auto tile_pos = [&](int k) { return c_begin + (warp + k * kTcWarps) * kTcTile; };
